@@ -1,0 +1,172 @@
+"""Forwarding one request body to one backend and its answer back, streamed or whole.
+
+The upstream client is aiohttp: measured with bench/overhead.py on 2 cores, httpx's connection
+pool cost several times more per request under concurrency (see README, "Performance").
+Streams are passed through chunk by chunk as they arrive; a client that goes away closes the
+backend connection at once, so llama-server stops generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .errors import APIError
+from .policy import RequestContext
+from .targets import Target
+
+Finish = Callable[[RequestContext], Awaitable[None]]
+_USAGE_MARK = b'"usage":{'
+
+
+class UpstreamClient:
+    """One pooled HTTP client for every backend, with the gateway's timeouts."""
+
+    def __init__(self, read_timeout: float, connect_timeout: float = 5.0) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
+                                              auto_decompress=False, skip_auto_headers=("User-Agent",))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "UpstreamClient.start() was not called"
+        return self._session
+
+    async def post(self, target: Target, path: str, body: bytes) -> aiohttp.ClientResponse:
+        headers = {"Content-Type": "application/json"}
+        if target.api_key:  # the backend's own key; the client's gateway key never leaves us
+            headers["Authorization"] = f"Bearer {target.api_key}"
+        try:
+            return await self.session.post(target.base_url + path, data=body, headers=headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+            raise APIError(503, f"{target.label} ({target.model_id}) is unreachable: {e.__class__.__name__}",
+                           "backend_unavailable") from e
+        except TimeoutError as e:
+            raise APIError(504, f"{target.label} ({target.model_id}) did not answer in time",
+                           "backend_timeout") from e
+        except aiohttp.ClientError as e:
+            raise APIError(502, f"{target.label} ({target.model_id}) failed: {e}", "bad_gateway") from e
+
+
+async def forward(client: UpstreamClient, target: Target, path: str, body: bytes,
+                  ctx: RequestContext, finish: Finish) -> Response:
+    """Send `body` to `target` and answer with what it says, in OpenAI's error shape on failure."""
+    ctx.target = target
+    resp = await client.post(target, path, body)
+    ctx.status = resp.status
+    content_type = resp.headers.get("Content-Type", "")
+    if ctx.stream and resp.status == 200 and content_type.startswith("text/event-stream"):
+        return StreamedAnswer(resp, ctx, finish)
+    try:
+        data = await resp.read()
+    except TimeoutError as e:
+        raise APIError(504, f"{target.label} ({target.model_id}) did not answer in time", "backend_timeout") from e
+    except aiohttp.ClientError as e:
+        raise APIError(502, f"{target.label} ({target.model_id}) broke off its answer: {e}", "bad_gateway") from e
+    finally:
+        resp.release()
+    ctx.first_byte_at = time.perf_counter()
+    if resp.status >= 400:
+        data = _openai_error_body(resp.status, data, target)
+    elif b'"usage"' in data:
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+            ctx.usage = orjson.loads(data).get("usage")
+    await finish(ctx)
+    return Response(data, status_code=resp.status, media_type=content_type or "application/json")
+
+
+def _openai_error_body(status: int, data: bytes, target: Target) -> bytes:
+    """Backend errors pass through when already OpenAI-shaped; anything else is wrapped."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        parsed = orjson.loads(data)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return data
+    text = data.decode(errors="replace").strip()[:500] or f"HTTP {status}"
+    return APIError(status, f"{target.label} ({target.model_id}) answered: {text}", "backend_error").response().body
+
+
+class StreamedAnswer(Response):
+    """An SSE answer relayed from a backend response as it arrives."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, ctx: RequestContext, finish: Finish) -> None:
+        # Not Response.__init__: it would announce `content-length: 0`.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no")]
+        self.upstream = upstream
+        self.ctx = ctx
+        self.finish = finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.create_task(self._pump(send))
+        watch = asyncio.create_task(_wait_for_disconnect(receive))
+        clean = False
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                self.ctx.disconnected = True
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            clean = not self.ctx.disconnected and self.ctx.status == 200
+        finally:
+            pump.cancel()
+            watch.cancel()
+            if clean:
+                self.upstream.release()
+            else:
+                self.upstream.close()  # drop the backend connection: generation stops
+            await self.finish(self.ctx)
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        tail = b""  # an SSE line split across chunks, kept so `usage` is never missed
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                if self.ctx.first_byte_at is None:
+                    self.ctx.first_byte_at = time.perf_counter()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                data = tail + chunk if tail else chunk
+                cut = data.rfind(b"\n") + 1
+                tail = data[cut:]
+                if _USAGE_MARK in data:
+                    self._take_usage(data[:cut])
+        except (aiohttp.ClientError, TimeoutError) as e:
+            # Headers are gone already: tell the client in-band, as OpenAI's streams do.
+            self.ctx.status = 504 if isinstance(e, TimeoutError) else 502
+            err = APIError(self.ctx.status, f"the backend stream broke off: {e.__class__.__name__}", "stream_error")
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(err.body()) + b"\n\n",
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _take_usage(self, chunk: bytes) -> None:
+        for line in chunk.split(b"\n"):
+            if line.startswith(b"data: ") and _USAGE_MARK in line:
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                    self.ctx.usage = orjson.loads(line[6:]).get("usage")
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")

@@ -1,0 +1,1 @@
+"""llm-gateway test suite (real llama-server, real models, real SDK clients)."""
