@@ -17,7 +17,7 @@ import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from supervisor import SlotConfig, Supervisor, Timing, find_llama_server
@@ -30,6 +30,7 @@ from .proxy import UpstreamClient, json_response
 from .targets import ModelRegistry
 
 log = logging.getLogger("gateway")
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
 class Gateway:
@@ -93,6 +94,10 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok", "slots": slots})
 
 
+async def landing(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html")
+
+
 async def admin_slots(request: Request) -> Response:
     _require_admin(request)
     gw: Gateway = request.app.state.gateway
@@ -125,6 +130,7 @@ def create_app(config: Config, data_dir: Path, policy: RequestPolicy | None = No
 
     app = Starlette(
         routes=[
+            Route("/", landing, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             *openai_api.routes,
             Route("/admin/api/slots", admin_slots, methods=["GET"]),

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,17 @@ async def terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
             await wait_exit(proc)
     elif sys.platform != "win32":
         _signal_group(proc, signal.SIGKILL)  # leader gone: make sure no stragglers remain
+
+
+def port_in_use(port: int) -> bool:
+    """True when something listens on 127.0.0.1:`port` (TIME_WAIT leftovers do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 class PidFile:

@@ -136,6 +136,8 @@ class Slot:
                 if healthy:
                     self._set_ready()
                     await self._watch()
+            except OSError as e:  # the binary would not start, or the port is taken
+                self.last_error = str(e)
             finally:
                 self._ready_event.clear()
                 self._ready_since = None
@@ -159,6 +161,9 @@ class Slot:
 
     async def _spawn(self) -> None:
         self.last_error = None
+        if process.port_in_use(self.port):
+            # Never mistake someone else's server on our port for our slot being ready.
+            raise OSError(f"port {self.port} is already in use by another program")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = [str(self.binary), *llama_server_args(self.port, self.config, self.defaults)]
         with open(self.log_path, "ab") as log_file:

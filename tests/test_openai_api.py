@@ -137,3 +137,9 @@ def test_health(gateway: RunningGateway) -> None:
     r = httpx.get(f"{gateway.url}/health")
     assert r.status_code == 200
     assert r.json()["slots"]["4801"] == "ready"
+
+
+def test_landing_page_lists_the_api(gateway: RunningGateway) -> None:
+    r = httpx.get(gateway.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "llm-gateway" in r.text and "/v1/models" in r.text

@@ -162,3 +162,22 @@ async def test_stop_is_prompt_even_for_a_loading_slot(gemma_path: Path, llama_se
     pid = slot.pid
     await asyncio.wait_for(sup.stop(), 10)
     assert pid is None or not psutil.pid_exists(pid)
+
+
+async def test_port_taken_by_another_program_is_not_mistaken_for_ready(
+        gemma_path: Path, llama_server_bin: Path, tmp_path: Path) -> None:
+    import socket
+
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", CRASH_SLOT))
+    squatter.listen()
+    sup = Supervisor(tmp_path, SlotDefaults(threads=1), llama_server_bin, timing=FAST)
+    await sup.start({})
+    try:
+        slot = await sup.load(CRASH_SLOT, SlotConfig(str(gemma_path), "text"))
+        assert not await slot.wait_ready(30)
+        assert slot.state is SlotState.FAILED and "already in use" in (slot.last_error or "")
+    finally:
+        await sup.stop()
+        squatter.close()
