@@ -1,0 +1,167 @@
+"""Which upstream HTTP client the gateway should use: httpx vs aiohttp as a pass-through.
+
+Two tiny Starlette apps forward POST /v1/chat/completions to the same fast upstream, one with
+a pooled httpx.AsyncClient and one with an aiohttp.ClientSession, each under uvicorn (uvloop,
+httptools, no access log), i.e. the gateway's own stack minus everything but the forwarding.
+The same load (c=16 and c=1, non-streaming chat, via bench/loadgen.py) goes at each of them
+and straight at the upstream, and rps/p50/p99 are printed for each.
+
+    .venv/bin/python bench/client_choice.py [--duration 5] [--concurrency 16,1] [--generator auto|wrk|python]
+
+Internally, `--serve httpx|aiohttp --port N --upstream URL` runs one of the two apps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen/harness, also under `python -m`
+
+from starlette.applications import Starlette  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import Response  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from harness import (HOST, MODEL, Children, add_load_args, chat_body, check_chat,  # noqa: E402
+                     exit_on_sigterm, fmt, free_port, load_note, print_table, start_fast_upstream)
+from loadgen import LoadResult, drive, pick_generator  # noqa: E402
+
+CLIENTS = ("httpx", "aiohttp")
+Forward = Callable[[bytes], Awaitable[tuple[int, bytes, str]]]  # body -> (status, body, content type)
+
+
+@contextlib.asynccontextmanager
+async def _httpx_forwarder(upstream: str) -> AsyncIterator[Forward]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=60)
+    async with httpx.AsyncClient(base_url=upstream, limits=limits,
+                                 timeout=httpx.Timeout(60.0, connect=5.0)) as client:
+        async def forward(body: bytes) -> tuple[int, bytes, str]:
+            resp = await client.post("/chat/completions", content=body,
+                                     headers={"Content-Type": "application/json"})
+            return resp.status_code, resp.content, resp.headers.get("content-type", "application/json")
+        yield forward
+
+
+@contextlib.asynccontextmanager
+async def _aiohttp_forwarder(upstream: str) -> AsyncIterator[Forward]:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=60.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                     skip_auto_headers=("User-Agent",)) as session:
+        url = upstream + "/chat/completions"
+
+        async def forward(body: bytes) -> tuple[int, bytes, str]:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                return resp.status, await resp.read(), resp.headers.get("Content-Type", "application/json")
+        yield forward
+
+
+def build_app(client: str, upstream: str) -> Starlette:
+    """A pass-through app: the request body goes to the upstream, its answer comes back as is."""
+    opener = _httpx_forwarder if client == "httpx" else _aiohttp_forwarder
+    holder: dict[str, Forward] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with opener(upstream) as forward:  # created on uvicorn's loop
+            holder["forward"] = forward
+            yield
+
+    async def chat(request: Request) -> Response:
+        status, data, content_type = await holder["forward"](await request.body())
+        return Response(data, status_code=status, media_type=content_type)
+
+    async def health(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                             Route("/health", health, methods=["GET"])], lifespan=lifespan)
+
+
+def serve(client: str, port: int, upstream: str) -> int:
+    import uvicorn
+
+    uvicorn.run(build_app(client, upstream), host=HOST, port=port, loop="uvloop", http="httptools",
+                access_log=False, log_level="warning", server_header=False)
+    return 0
+
+
+def run(args: argparse.Namespace, children: Children) -> list[tuple[str, LoadResult]]:
+    upstream = start_fast_upstream(children, free_port())
+    paths = {"direct": upstream}
+    for client in CLIENTS:
+        port = free_port()
+        children.start(client, [sys.executable, str(Path(__file__).resolve()), "--serve", client,
+                                "--port", str(port), "--upstream", upstream])
+        children.wait_ready(client, f"http://{HOST}:{port}/health")
+        paths[client] = f"http://{HOST}:{port}/v1"
+    body = chat_body(MODEL)
+    for name, base in paths.items():
+        check_chat(base + "/chat/completions", body, {})
+        print(f"{name:<8} {base}/chat/completions", flush=True)
+    print()
+    rows: list[tuple[str, LoadResult]] = []
+    for conc in args.concurrency:
+        for name, base in paths.items():
+            result = drive(base + "/chat/completions", body, {}, conc, args.duration, args.warmup, args.generator)
+            print(f"  measured {name:<8} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
+                  flush=True)
+            rows.append((name, result))
+    return rows
+
+
+def print_comparison(rows: list[tuple[str, LoadResult]]) -> None:
+    by_key = {(name, r.concurrency): r for name, r in rows}
+    for conc in sorted({r.concurrency for _, r in rows}, reverse=True):
+        hx, ah = by_key.get(("httpx", conc)), by_key.get(("aiohttp", conc))
+        if hx and ah:
+            ratio = ah.rps / hx.rps if hx.rps else math.nan
+            print(f"c={conc:<3} aiohttp/httpx rps {fmt(ratio, 2)}x   p50 httpx {fmt(hx.p50_ms, 3)} ms, "
+                  f"aiohttp {fmt(ah.p50_ms, 3)} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_args(parser, concurrency="16,1")
+    parser.add_argument("--serve", choices=CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, args.port, args.upstream)
+
+    exit_on_sigterm()
+    args.generator = pick_generator(args.generator)
+    print(f"upstream client benchmark: httpx vs aiohttp pass-through, {args.duration:g} s per measurement "
+          f"after {args.warmup:g} s warm-up")
+    print(f"load generator: {args.generator}")
+    print(f"machine: {load_note()}", flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="llm-gateway-bench-") as tmp, Children(Path(tmp)) as children:
+            rows = run(args, children)
+    except KeyboardInterrupt:
+        print("\ninterrupted; child processes stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    print()
+    print_table(rows)
+    print()
+    print_comparison(rows)
+    print(f"\nmachine after: {load_note()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
