@@ -1,14 +1,15 @@
-"""Which upstream HTTP client the gateway should use: httpx vs aiohttp as a pass-through.
+"""Which upstream HTTP client the gateway should use: httpx vs aiohttp vs gateway.backend_http.
 
-Two tiny Starlette apps forward POST /v1/chat/completions to the same fast upstream, one with
-a pooled httpx.AsyncClient and one with an aiohttp.ClientSession, each under uvicorn (uvloop,
+Three tiny Starlette apps forward POST /v1/chat/completions to the same fast upstream, with
+a pooled httpx.AsyncClient, an aiohttp.ClientSession, or the gateway's own
+gateway.backend_http.BackendClient (httptools parsing), each under uvicorn (uvloop,
 httptools, no access log), i.e. the gateway's own stack minus everything but the forwarding.
 The same load (c=16 and c=1, non-streaming chat, via bench/loadgen.py) goes at each of them
 and straight at the upstream, and rps/p50/p99 are printed for each.
 
     .venv/bin/python bench/client_choice.py [--duration 5] [--concurrency 16,1] [--generator auto|wrk|python]
 
-Internally, `--serve httpx|aiohttp --port N --upstream URL` runs one of the two apps.
+Internally, `--serve httpx|aiohttp|backend_http --port N --upstream URL` runs one of the apps.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from harness import (HOST, MODEL, Children, add_load_args, chat_body, check_chat
                      exit_on_sigterm, fmt, free_port, load_note, print_table, start_fast_upstream)
 from loadgen import LoadResult, drive, pick_generator  # noqa: E402
 
-CLIENTS = ("httpx", "aiohttp")
+CLIENTS = ("httpx", "aiohttp", "backend_http")
 Forward = Callable[[bytes], Awaitable[tuple[int, bytes, str]]]  # body -> (status, body, content type)
 
 
@@ -66,9 +67,33 @@ async def _aiohttp_forwarder(upstream: str) -> AsyncIterator[Forward]:
         yield forward
 
 
+@contextlib.asynccontextmanager
+async def _backend_http_forwarder(upstream: str) -> AsyncIterator[Forward]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gateway.backend_http import BackendClient
+
+    client = BackendClient()
+    url = upstream + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+
+    async def forward(body: bytes) -> tuple[int, bytes, str]:
+        resp = await client.request("POST", url, headers, body, 60.0)
+        try:
+            return resp.status, await resp.read(60.0), resp.content_type or "application/json"
+        finally:
+            resp.release()
+    try:
+        yield forward
+    finally:
+        await client.close()
+
+
+FORWARDERS = {"httpx": _httpx_forwarder, "aiohttp": _aiohttp_forwarder, "backend_http": _backend_http_forwarder}
+
+
 def build_app(client: str, upstream: str) -> Starlette:
     """A pass-through app: the request body goes to the upstream, its answer comes back as is."""
-    opener = _httpx_forwarder if client == "httpx" else _aiohttp_forwarder
+    opener = FORWARDERS[client]
     holder: dict[str, Forward] = {}
 
     @contextlib.asynccontextmanager
@@ -108,13 +133,13 @@ def run(args: argparse.Namespace, children: Children) -> list[tuple[str, LoadRes
     body = chat_body(MODEL)
     for name, base in paths.items():
         check_chat(base + "/chat/completions", body, {})
-        print(f"{name:<8} {base}/chat/completions", flush=True)
+        print(f"{name:<12} {base}/chat/completions", flush=True)
     print()
     rows: list[tuple[str, LoadResult]] = []
     for conc in args.concurrency:
         for name, base in paths.items():
             result = drive(base + "/chat/completions", body, {}, conc, args.duration, args.warmup, args.generator)
-            print(f"  measured {name:<8} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
+            print(f"  measured {name:<12} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
                   flush=True)
             rows.append((name, result))
     return rows
@@ -123,11 +148,13 @@ def run(args: argparse.Namespace, children: Children) -> list[tuple[str, LoadRes
 def print_comparison(rows: list[tuple[str, LoadResult]]) -> None:
     by_key = {(name, r.concurrency): r for name, r in rows}
     for conc in sorted({r.concurrency for _, r in rows}, reverse=True):
-        hx, ah = by_key.get(("httpx", conc)), by_key.get(("aiohttp", conc))
-        if hx and ah:
-            ratio = ah.rps / hx.rps if hx.rps else math.nan
-            print(f"c={conc:<3} aiohttp/httpx rps {fmt(ratio, 2)}x   p50 httpx {fmt(hx.p50_ms, 3)} ms, "
-                  f"aiohttp {fmt(ah.p50_ms, 3)} ms")
+        base = by_key.get(("httpx", conc))
+        for name in CLIENTS[1:]:
+            other = by_key.get((name, conc))
+            if base and other:
+                ratio = other.rps / base.rps if base.rps else math.nan
+                print(f"c={conc:<3} {name}/httpx rps {fmt(ratio, 2)}x   p50 httpx {fmt(base.p50_ms, 3)} ms, "
+                      f"{name} {fmt(other.p50_ms, 3)} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_on_sigterm()
     args.generator = pick_generator(args.generator)
-    print(f"upstream client benchmark: httpx vs aiohttp pass-through, {args.duration:g} s per measurement "
+    print(f"upstream client benchmark: {' vs '.join(CLIENTS)} pass-through, {args.duration:g} s per measurement "
           f"after {args.warmup:g} s warm-up")
     print(f"load generator: {args.generator}")
     print(f"machine: {load_note()}", flush=True)

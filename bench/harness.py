@@ -193,9 +193,9 @@ def fmt(value: float, digits: int = 2) -> str:
 
 
 def print_table(rows: list[tuple[str, LoadResult]]) -> None:
-    header = f"{'path':<10} {'conc':>4} {'requests':>9} {'rps':>10} {'p50_ms':>8} {'p99_ms':>8} {'errors':>6}"
+    header = f"{'path':<12} {'conc':>4} {'requests':>9} {'rps':>10} {'p50_ms':>8} {'p99_ms':>8} {'errors':>6}"
     print(header)
     print("-" * len(header))
     for path, r in rows:
-        print(f"{path:<10} {r.concurrency:>4} {r.requests:>9,} {fmt(r.rps, 0):>10} {fmt(r.p50_ms, 3):>8} "
+        print(f"{path:<12} {r.concurrency:>4} {r.requests:>9,} {fmt(r.rps, 0):>10} {fmt(r.p50_ms, 3):>8} "
               f"{fmt(r.p99_ms, 3):>8} {r.errors:>6}")

@@ -72,14 +72,14 @@ def run(args: argparse.Namespace, tmp: Path, children: Children) -> list[tuple[s
         paths = {"direct": (upstream + "/chat/completions", {}), **paths}  # never send the gateway key on
     for name, (url, headers) in paths.items():
         check_chat(url, body, headers)
-        print(f"{name:<8} {url}", flush=True)
+        print(f"{name:<12} {url}", flush=True)
     print()
 
     rows: list[tuple[str, LoadResult]] = []
     for conc in args.concurrency:
         for name, (url, headers) in paths.items():
             result = drive(url, body, headers, conc, args.duration, args.warmup, args.generator)
-            print(f"  measured {name:<8} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
+            print(f"  measured {name:<12} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
                   flush=True)
             rows.append((name, result))
     return rows

@@ -19,11 +19,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from supervisor import SlotConfig, Supervisor, Timing, find_llama_server
 
 from . import openai_api
-from .config import Config, save_config
+from .config import Config, UpstreamConfig, save_config
 from .errors import APIError
 from .policy import OpenPolicy, RequestPolicy
 from .proxy import UpstreamClient, json_response
@@ -46,7 +47,6 @@ class Gateway:
         self.upstream = UpstreamClient(read_timeout=config.request_timeout)
 
     async def start(self) -> None:
-        await self.upstream.start()
         if self.supervisor.binary is None and any(self.config.slots.values()):
             log.error("llama-server not found: run ./build_llamacpp.sh; local slots stay empty")
         await self.supervisor.start(self.config.slots)
@@ -62,16 +62,18 @@ class Gateway:
 
     async def _discover_upstream_models(self) -> None:
         """Upstreams configured without `models` are asked for theirs (best effort, 5 s)."""
-        async def discover(up):  # type: ignore[no-untyped-def]
+        async def discover(session: aiohttp.ClientSession, up: UpstreamConfig) -> None:
             headers = {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
             try:
-                async with self.upstream.session.get(f"{up.url}/models", headers=headers,
-                                                     timeout=aiohttp.ClientTimeout(total=5)) as r:
+                async with session.get(f"{up.url}/models", headers=headers) as r:
                     up.models = [m["id"] for m in (await r.json()).get("data", []) if m.get("id")]
                     log.info("upstream %s serves %s", up.name, ", ".join(up.models) or "no models")
             except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, KeyError) as e:
                 log.warning("upstream %s: could not list its models (%s)", up.name, e.__class__.__name__)
-        await asyncio.gather(*(discover(u) for u in self.config.upstreams if not u.models))
+        pending = [u for u in self.config.upstreams if not u.models]
+        if pending:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+                await asyncio.gather(*(discover(session, u) for u in pending))
         self.registry.refresh_upstreams()
 
 
@@ -117,7 +119,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: Config, data_dir: Path, policy: RequestPolicy | None = None,
-               timing: Timing = Timing()) -> Starlette:
+               timing: Timing = Timing()) -> ASGIApp:
     gateway = Gateway(config, data_dir, policy, timing)
 
     @contextlib.asynccontextmanager
@@ -139,4 +141,4 @@ def create_app(config: Config, data_dir: Path, policy: RequestPolicy | None = No
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return app
+    return openai_api.ProxyFastPath(app)

@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config, data_dir)
     print(f"[llm-gateway] serving on http://{args.host}:{args.port} (data dir {data_dir})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                timeout_graceful_shutdown=10, server_header=False)
+                timeout_graceful_shutdown=10, server_header=False, proxy_headers=args.proxy_headers)
     return 0
 
 
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=4000)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    serve.add_argument("--proxy-headers", action="store_true",
+                       help="trust X-Forwarded-For/-Proto (only behind a reverse proxy you run)")
     sub.add_parser("build", help="compile llama-server (arguments go to build_llamacpp.sh, e.g. --cuda)")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),

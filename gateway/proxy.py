@@ -1,24 +1,24 @@
 """Forwarding one request body to one backend and its answer back, streamed or whole.
 
-The upstream client is aiohttp: measured with bench/overhead.py on 2 cores, httpx's connection
-pool cost several times more per request under concurrency (see README, "Performance").
 Streams are passed through chunk by chunk as they arrive; a client that goes away closes the
-backend connection at once, so llama-server stops generating for nobody.
+backend connection at once, so llama-server stops generating for nobody. The HTTP client is
+`backend_http.BackendClient` (see there for why, and bench/client_choice.py for the figures).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .backend_http import BackendClient, BackendError, BackendResponse
 from .errors import APIError
 from .policy import RequestContext
 from .targets import Target
@@ -27,41 +27,39 @@ Finish = Callable[[RequestContext], Awaitable[None]]
 _USAGE_MARK = b'"usage":{'
 
 
+def _failure(e: BackendError, target: Target) -> APIError:
+    who = f"{target.label} ({target.model_id})"
+    if e.stage == "connect":
+        return APIError(503, f"{who} is unreachable: {e}", "backend_unavailable")
+    if e.stage == "timeout":
+        return APIError(504, f"{who} did not answer in time: {e}", "backend_timeout")
+    return APIError(502, f"{who} failed: {e}", "bad_gateway")
+
+
+@functools.lru_cache(maxsize=64)
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:  # the backend's own key; the client's gateway key never leaves us
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
 class UpstreamClient:
-    """One pooled HTTP client for every backend, with the gateway's timeouts."""
+    """Posts to backends with the gateway's timeouts; failures become OpenAI-shaped errors."""
 
     def __init__(self, read_timeout: float, connect_timeout: float = 5.0) -> None:
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
-                                              auto_decompress=False, skip_auto_headers=("User-Agent",))
+        self.read_timeout = read_timeout
+        self._http = BackendClient(connect_timeout=connect_timeout)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._http.close()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "UpstreamClient.start() was not called"
-        return self._session
-
-    async def post(self, target: Target, path: str, body: bytes) -> aiohttp.ClientResponse:
-        headers = {"Content-Type": "application/json"}
-        if target.api_key:  # the backend's own key; the client's gateway key never leaves us
-            headers["Authorization"] = f"Bearer {target.api_key}"
+    async def post(self, target: Target, path: str, body: bytes) -> BackendResponse:
         try:
-            return await self.session.post(target.base_url + path, data=body, headers=headers)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
-            raise APIError(503, f"{target.label} ({target.model_id}) is unreachable: {e.__class__.__name__}",
-                           "backend_unavailable") from e
-        except TimeoutError as e:
-            raise APIError(504, f"{target.label} ({target.model_id}) did not answer in time",
-                           "backend_timeout") from e
-        except aiohttp.ClientError as e:
-            raise APIError(502, f"{target.label} ({target.model_id}) failed: {e}", "bad_gateway") from e
+            return await self._http.request("POST", target.base_url + path, _headers(target.api_key), body,
+                                            self.read_timeout)
+        except BackendError as e:
+            raise _failure(e, target) from e
 
 
 async def forward(client: UpstreamClient, target: Target, path: str, body: bytes,
@@ -70,15 +68,13 @@ async def forward(client: UpstreamClient, target: Target, path: str, body: bytes
     ctx.target = target
     resp = await client.post(target, path, body)
     ctx.status = resp.status
-    content_type = resp.headers.get("Content-Type", "")
+    content_type = resp.content_type
     if ctx.stream and resp.status == 200 and content_type.startswith("text/event-stream"):
-        return StreamedAnswer(resp, ctx, finish)
+        return StreamedAnswer(resp, ctx, finish, client.read_timeout)
     try:
-        data = await resp.read()
-    except TimeoutError as e:
-        raise APIError(504, f"{target.label} ({target.model_id}) did not answer in time", "backend_timeout") from e
-    except aiohttp.ClientError as e:
-        raise APIError(502, f"{target.label} ({target.model_id}) broke off its answer: {e}", "bad_gateway") from e
+        data = await resp.read(client.read_timeout)
+    except BackendError as e:
+        raise _failure(e, target) from e
     finally:
         resp.release()
     ctx.first_byte_at = time.perf_counter()
@@ -104,7 +100,7 @@ def _openai_error_body(status: int, data: bytes, target: Target) -> bytes:
 class StreamedAnswer(Response):
     """An SSE answer relayed from a backend response as it arrives."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse, ctx: RequestContext, finish: Finish) -> None:
+    def __init__(self, upstream: BackendResponse, ctx: RequestContext, finish: Finish, timeout: float) -> None:
         # Not Response.__init__: it would announce `content-length: 0`.
         self.status_code = 200
         self.background = None
@@ -113,6 +109,7 @@ class StreamedAnswer(Response):
         self.upstream = upstream
         self.ctx = ctx
         self.finish = finish
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
@@ -139,7 +136,7 @@ class StreamedAnswer(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         tail = b""  # an SSE line split across chunks, kept so `usage` is never missed
         try:
-            async for chunk in self.upstream.content.iter_any():
+            async for chunk in self.upstream.iter_chunks(self.timeout):
                 if self.ctx.first_byte_at is None:
                     self.ctx.first_byte_at = time.perf_counter()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -148,10 +145,10 @@ class StreamedAnswer(Response):
                 tail = data[cut:]
                 if _USAGE_MARK in data:
                     self._take_usage(data[:cut])
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except BackendError as e:
             # Headers are gone already: tell the client in-band, as OpenAI's streams do.
-            self.ctx.status = 504 if isinstance(e, TimeoutError) else 502
-            err = APIError(self.ctx.status, f"the backend stream broke off: {e.__class__.__name__}", "stream_error")
+            self.ctx.status = 504 if e.stage == "timeout" else 502
+            err = APIError(self.ctx.status, f"the backend stream broke off: {e}", "stream_error")
             await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(err.body()) + b"\n\n",
                         "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

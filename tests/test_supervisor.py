@@ -136,7 +136,7 @@ def test_no_llama_server_outlives_the_gateway(sig: int, port: int, gemma_path: P
     gw.stop(sig)
     wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                                for p in pids), 15, "llama-server to exit with its gateway")
-    assert not port_open(port)
+    wait_until(lambda: not port_open(port), 10, f"port {port} to close")
 
 
 def test_slots_come_back_when_the_gateway_restarts(gemma_path: Path, llama_server_bin: Path,
