@@ -4,7 +4,7 @@
 # Source, first that works:
 #   1. $LLAMA_CPP_SRC            a llama.cpp checkout you already have
 #   2. git clone of the pinned llama.cpp commit (needs GitHub)
-#   3. vendor/llama.cpp of the pinned llama-cpp-python sdist from PyPI (works offline from GitHub)
+#   3. vendor/llama.cpp of the pinned llama-cpp-python sdist from PyPI (works without GitHub)
 #
 # Builds are cached outside the repository, keyed by source version and backend, so a
 # second run with the same source only copies the cached binary:
@@ -95,7 +95,7 @@ if [ -z "$SRC" ]; then
     rm -rf "$GIT_SRC.tmp"
     log "git clone unavailable; fetching llama-cpp-python==$LLAMA_CPP_PY_VERSION sdist from PyPI"
     PY="${PYTHON:-$(command -v python3 || command -v python)}"
-    "$PY" -m pip download --no-deps --no-binary :all: --progress-bar on \
+    "$PY" -m pip download --no-deps --no-binary llama-cpp-python --progress-bar on \
       "llama-cpp-python==$LLAMA_CPP_PY_VERSION" -d "$CACHE/src" >&2
     rm -rf "$SDIST_DIR.tmp" && mkdir -p "$SDIST_DIR.tmp"
     tar xzf "$CACHE/src/llama_cpp_python-$LLAMA_CPP_PY_VERSION.tar.gz" -C "$SDIST_DIR.tmp" --strip-components=1

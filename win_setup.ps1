@@ -160,7 +160,7 @@ try {
                 if (-not $Src) {
                     Remove-Tree "$GitSrc.tmp"
                     Write-Log "git clone unavailable; fetching llama-cpp-python==$PyVersion sdist from PyPI"
-                    & $VenvPy -m pip download --no-deps --no-binary ':all:' --progress-bar on --cache-dir $PipCache "llama-cpp-python==$PyVersion" -d $SrcCache
+                    & $VenvPy -m pip download --no-deps --no-binary 'llama-cpp-python' --progress-bar on --cache-dir $PipCache "llama-cpp-python==$PyVersion" -d $SrcCache
                     Assert-Exit 'pip download'
                     $tarball = Join-Path $SrcCache "llama_cpp_python-$PyVersion.tar.gz"
                     if (-not (Test-Path -LiteralPath $tarball)) { throw "pip download did not produce $tarball" }

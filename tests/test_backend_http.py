@@ -171,3 +171,39 @@ async def test_broken_off_answer_is_an_error_not_a_short_body() -> None:
     finally:
         await client.close()
         srv.close()
+
+
+async def test_https_backend(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Remote upstreams are often HTTPS: the certificate is verified against the trusted CAs."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="secure")
+
+    app = web.Application()
+    app.router.add_post("/v1/x", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_ctx).start()
+    try:
+        untrusting = BackendClient()
+        with pytest.raises(BackendError, match="certificate"):
+            await untrusting.request("POST", f"https://localhost:{port}/v1/x", {}, b"", 5)
+        await untrusting.close()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # now the machine trusts this CA
+        client = BackendClient()
+        resp = await client.request("POST", f"https://localhost:{port}/v1/x", {}, b"", 5)
+        assert resp.status == 200 and await resp.read(5) == b"secure"
+        resp.release()
+        await client.close()
+    finally:
+        await runner.cleanup()
