@@ -23,6 +23,10 @@ UNLOAD_SLOT, CRASH_SLOT, STOP_SLOT, KILL_SLOT = 4803, 4804, 4805, 4806
 def test_killed_slot_comes_back_and_serves(gateway: RunningGateway) -> None:
     before = gateway.slots()[SESSION_TEXT_SLOT]
     os.kill(before["pid"], signal.SIGKILL)
+    down = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10,
+                      json={"model": "gemma", "messages": [{"role": "user", "content": "hi"}]})
+    assert down.status_code == 503, down.text  # restarting, or not yet noticed: the port is closed
+    assert down.json()["error"]["code"] in ("model_not_ready", "backend_unavailable")
 
     def restarted() -> dict | bool:
         slot = gateway.slots()[SESSION_TEXT_SLOT]
