@@ -1,15 +1,16 @@
-"""The Starlette application: wires config, supervisor, router, proxy and policy together.
+"""The Starlette application: wires config, storage, accounts, supervisor, router and proxy together.
 
 `Gateway` is the one object a request handler reaches (as `request.app.state.gateway`); its
-lifespan starts the slots and stops them again, so no llama-server outlives the app.
+lifespan opens the database, starts the slots and, on the way out, writes the last usage rows and
+stops every slot, so nothing is lost and no llama-server outlives the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,32 +22,51 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from supervisor import SlotConfig, Supervisor, Timing, find_llama_server
+from supervisor import SlotConfig, SlotState, Supervisor, Timing, find_llama_server
 
-from . import openai_api
+from . import admin_api, openai_api, public_api, user_api
+from .account_policy import AccountPolicy
+from .accounts import Accounts
 from .config import Config, UpstreamConfig, save_config
 from .errors import APIError
-from .policy import OpenPolicy, RequestPolicy
-from .proxy import UpstreamClient, json_response
+from .limits import ConcurrencyGate, RateLimiter
+from .proxy import UpstreamClient
+from .sqlite_storage import SQLiteStorage
+from .storage import Storage
 from .targets import ModelRegistry
+from .usage import UsageRecorder
 
 log = logging.getLogger("gateway")
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
 class Gateway:
-    def __init__(self, config: Config, data_dir: Path, policy: RequestPolicy | None = None,
-                 timing: Timing = Timing()) -> None:
+    def __init__(self, config: Config, data_dir: Path, timing: Timing = Timing(),
+                 storage: Storage | None = None) -> None:
         self.config = config
         self.data_dir = data_dir
         self.config_path = data_dir / "config.json"
-        self.policy: RequestPolicy = policy or OpenPolicy()
+        self.started_at = time.time()
+        self.storage: Storage = storage or SQLiteStorage(data_dir / "gateway.db")
+        self.recorder = UsageRecorder(self.storage)
+        self.accounts = Accounts(self.storage, self.recorder, config.effective_admin_key)
+        self.limiter = RateLimiter()
+        self.signup_limiter = RateLimiter(window_s=3600)  # per client IP
+        self.gate = ConcurrencyGate(config.max_concurrent_requests, config.max_queued_requests, config.queue_timeout)
+        self.policy = AccountPolicy(config, self.accounts, self.recorder, self.limiter, self.gate)
         binary = find_llama_server(config.llama_server)
-        self.supervisor = Supervisor(data_dir, config.slot_defaults(data_dir), binary, self._persist_slots, timing)
+        self.supervisor = Supervisor(data_dir, config.slot_defaults(data_dir), binary, self._persist_slots, timing,
+                                     on_state=self._slot_state)
         self.registry = ModelRegistry(self.supervisor, config.upstreams)
         self.upstream = UpstreamClient(read_timeout=config.request_timeout)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        await self.storage.open()
+        await self.accounts.load()
+        self.recorder.start()
+        self.accounts.start_watching()
+        self._uptime_event("gateway", "up")
         if self.supervisor.binary is None and any(self.config.slots.values()):
             log.error("llama-server not found: run ./build_llamacpp.sh; local slots stay empty")
         await self.supervisor.start(self.config.slots)
@@ -55,6 +75,19 @@ class Gateway:
     async def stop(self) -> None:
         await self.supervisor.stop()
         await self.upstream.close()
+        self._uptime_event("gateway", "down")
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.accounts.stop_watching()
+        await self.recorder.stop()  # the last usage rows and charges reach the disk
+        await self.storage.close()
+
+    def _uptime_event(self, component: str, state: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.storage.add_uptime_event(time.time(), component, state))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _slot_state(self, port: int, state: SlotState) -> None:
+        self._uptime_event(f"slot:{port}", state.value)
 
     def _persist_slots(self, slots: dict[int, SlotConfig | None]) -> None:
         self.config.slots = slots
@@ -77,33 +110,8 @@ class Gateway:
         self.registry.refresh_upstreams()
 
 
-def _require_admin(request: Request) -> None:
-    expected = request.app.state.gateway.config.effective_admin_key
-    if not expected:
-        raise APIError(403, "the admin API is disabled: set admin_key in config.json or LLM_GATEWAY_ADMIN_KEY",
-                       "admin_disabled")
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    if not given:
-        raise APIError(401, "missing admin key (Authorization: Bearer KEY)", "missing_api_key")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise APIError(403, "this key is not an admin key", "not_admin")
-
-
-async def health(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
-    slots = {str(s.port): s.state.value for s in gw.supervisor.slots.values()}
-    return json_response({"status": "ok", "slots": slots})
-
-
 async def landing(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html")
-
-
-async def admin_slots(request: Request) -> Response:
-    _require_admin(request)
-    gw: Gateway = request.app.state.gateway
-    return json_response({"slots": gw.supervisor.status()})
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -118,9 +126,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return APIError(exc.status_code, message, code, headers=dict(exc.headers or {})).response()
 
 
-def create_app(config: Config, data_dir: Path, policy: RequestPolicy | None = None,
-               timing: Timing = Timing()) -> ASGIApp:
-    gateway = Gateway(config, data_dir, policy, timing)
+def create_app(config: Config, data_dir: Path, timing: Timing = Timing()) -> ASGIApp:
+    gateway = Gateway(config, data_dir, timing)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -133,9 +140,10 @@ def create_app(config: Config, data_dir: Path, policy: RequestPolicy | None = No
     app = Starlette(
         routes=[
             Route("/", landing, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
+            *public_api.routes,
             *openai_api.routes,
-            Route("/admin/api/slots", admin_slots, methods=["GET"]),
+            *user_api.routes,
+            *admin_api.routes,
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error},
         lifespan=lifespan,

@@ -1,4 +1,4 @@
-"""`llm-gateway` command line: `serve` runs the gateway, `build` compiles llama-server."""
+"""`llm-gateway` command line: `serve`, `build` (llama-server), `users` and `usage`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from supervisor.manager import PROJECT_ROOT
 
+from . import cli_accounts
 from .config import ConfigError, load_config
 
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway (first run: installs the default model)")
-    serve.add_argument("--data-dir", default=os.environ.get("LLM_GATEWAY_DATA_DIR", "data"))
+    data_dir_default = os.environ.get("LLM_GATEWAY_DATA_DIR", "data")
+    serve.add_argument("--data-dir", default=data_dir_default)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=4000)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--proxy-headers", action="store_true",
                        help="trust X-Forwarded-For/-Proto (only behind a reverse proxy you run)")
     sub.add_parser("build", help="compile llama-server (arguments go to build_llamacpp.sh, e.g. --cuda)")
+    cli_accounts.add_commands(sub, data_dir_default)
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return _build(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "users":
+        return cli_accounts.run_users(args)
+    if args.command == "usage":
+        return cli_accounts.run_usage(args)
     return _serve(args)
 
 

@@ -38,9 +38,28 @@ class UpstreamConfig:
 
 
 @dataclass
-class Pricing:
+class Price:
     input_per_1k: float = 0.0
     output_per_1k: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"input_per_1k": self.input_per_1k, "output_per_1k": self.output_per_1k}
+
+
+@dataclass
+class Pricing(Price):
+    """Global prices, with per-model overrides under `pricing.models.<model id>`."""
+
+    models: dict[str, Price] = field(default_factory=dict)
+
+    def for_model(self, model: str | None) -> Price:
+        return self.models.get(model or "", self)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = super().to_dict()
+        if self.models:
+            data["models"] = {name: price.to_dict() for name, price in self.models.items()}
+        return data
 
 
 @dataclass
@@ -52,6 +71,11 @@ class Config:
     default_ctx_size: int = 8192
     pricing: Pricing = field(default_factory=Pricing)
     rate_limits: dict[str, int] = field(default_factory=lambda: {"payg": 25, "sub": 100})
+    credit_costs: dict[str, float] = field(default_factory=lambda: {"payg": 1.0, "sub": 1.0, "admin": 0.0})
+    max_concurrent_requests: int = 0  # requests in flight to backends; 0 = unlimited
+    max_queued_requests: int = 100  # beyond the cap, this many wait; more get 503
+    queue_timeout: float = 30.0  # seconds a queued request waits before a 503
+    signups_per_hour: int = 5  # per client IP, on POST /api/signup
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     request_timeout: float = 600.0  # seconds without a byte from a backend before a 504
     llama_server: str | None = None  # path to the binary; default build/bin/llama-server
@@ -73,8 +97,13 @@ class Config:
             "admin_key": self.admin_key,
             "default_threads": self.default_threads,
             "default_ctx_size": self.default_ctx_size,
-            "pricing": {"input_per_1k": self.pricing.input_per_1k, "output_per_1k": self.pricing.output_per_1k},
+            "pricing": self.pricing.to_dict(),
             "rate_limits": dict(self.rate_limits),
+            "credit_costs": dict(self.credit_costs),
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "queue_timeout": self.queue_timeout,
+            "signups_per_hour": self.signups_per_hour,
             "performance": self.performance.to_dict(),
             "request_timeout": self.request_timeout,
         })
@@ -171,6 +200,24 @@ def _parse_upstreams(raw: Any) -> list[UpstreamConfig]:
     return result
 
 
+def _parse_price(raw: dict[str, Any], path: str) -> Price:
+    price = Price(float(_get(raw, "input_per_1k", (int, float), path, 0.0)),
+                  float(_get(raw, "output_per_1k", (int, float), path, 0.0)))
+    if price.input_per_1k < 0 or price.output_per_1k < 0:
+        raise ConfigError(f"{path}: prices must be >= 0")
+    return price
+
+
+def _parse_pricing(raw: dict[str, Any]) -> Pricing:
+    base = _parse_price(raw, "pricing.")
+    models = {}
+    for name, item in _get(raw, "models", dict, "pricing.", {}).items():
+        if not isinstance(item, dict):
+            raise ConfigError(f"pricing.models.{name}: expected an object with input_per_1k, output_per_1k")
+        models[name] = _parse_price(item, f"pricing.models.{name}.")
+    return Pricing(base.input_per_1k, base.output_per_1k, models)
+
+
 def _parse_performance(raw: Any) -> PerformanceConfig:
     if not isinstance(raw, dict):
         raise ConfigError("performance: expected an object")
@@ -199,28 +246,38 @@ def parse_config(raw: Any) -> Config:
         raise ConfigError("config: expected a JSON object at the top level")
     d = Config()
     known = {"slots", "upstreams", "admin_key", "default_threads", "default_ctx_size", "pricing",
-             "rate_limits", "performance", "request_timeout", "llama_server"}
-    pricing_raw = _get(raw, "pricing", dict, "", {})
+             "rate_limits", "performance", "request_timeout", "llama_server", "credit_costs",
+             "max_concurrent_requests", "max_queued_requests", "queue_timeout", "signups_per_hour"}
     rate_limits = _get(raw, "rate_limits", dict, "", d.rate_limits)
     for tier, limit in rate_limits.items():
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ConfigError(f"rate_limits.{tier}: expected a whole number of requests per minute")
+    credit_costs = {**d.credit_costs, **_get(raw, "credit_costs", dict, "", {})}
+    for tier, cost in credit_costs.items():
+        if isinstance(cost, bool) or not isinstance(cost, int | float) or cost < 0:
+            raise ConfigError(f"credit_costs.{tier}: expected a number >= 0")
     cfg = Config(
         slots=_parse_slots(raw.get("slots", {})),
         upstreams=_parse_upstreams(raw.get("upstreams", [])),
         admin_key=_get(raw, "admin_key", str, "", None),
         default_threads=_get(raw, "default_threads", int, "", d.default_threads),
         default_ctx_size=_get(raw, "default_ctx_size", int, "", d.default_ctx_size),
-        pricing=Pricing(
-            input_per_1k=float(_get(pricing_raw, "input_per_1k", (int, float), "pricing.", 0.0)),
-            output_per_1k=float(_get(pricing_raw, "output_per_1k", (int, float), "pricing.", 0.0)),
-        ),
+        pricing=_parse_pricing(_get(raw, "pricing", dict, "", {})),
         rate_limits=dict(rate_limits),
+        credit_costs={k: float(v) for k, v in credit_costs.items()},
+        max_concurrent_requests=_get(raw, "max_concurrent_requests", int, "", d.max_concurrent_requests),
+        max_queued_requests=_get(raw, "max_queued_requests", int, "", d.max_queued_requests),
+        queue_timeout=float(_get(raw, "queue_timeout", (int, float), "", d.queue_timeout)),
+        signups_per_hour=_get(raw, "signups_per_hour", int, "", d.signups_per_hour),
         performance=_parse_performance(raw.get("performance", {})),
         request_timeout=float(_get(raw, "request_timeout", (int, float), "", d.request_timeout)),
         llama_server=_get(raw, "llama_server", str, "", None),
         extra={k: v for k, v in raw.items() if k not in known},
     )
+    for name in ("max_concurrent_requests", "max_queued_requests", "signups_per_hour"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}: must be 0 or more")
+    _positive(cfg.queue_timeout, "queue_timeout")
     _positive(cfg.default_threads, "default_threads")
     _positive(cfg.default_ctx_size, "default_ctx_size")
     _positive(cfg.request_timeout, "request_timeout")

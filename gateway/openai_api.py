@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -12,49 +13,58 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .api_common import caller, gateway_of, json_response, read_json_body
 from .errors import APIError
 from .policy import RequestContext
-from .proxy import forward, json_response
+from .proxy import StreamedAnswer, forward
 from .targets import Endpoint
 
 if TYPE_CHECKING:
     from .app import Gateway
 
 log = logging.getLogger("gateway")
-MAX_BODY_BYTES = 64 * 1024 * 1024  # base64 images and audio make bodies large, but not unbounded
 _STARTED = int(time.time())
 
 
-def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
-
-
-async def read_json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB", "request_too_large")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB", "request_too_large")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise APIError(400, f"We could not parse the JSON body of your request: {e}", "invalid_json") from e
-    if not isinstance(payload, dict):
-        raise APIError(400, "The request body must be a JSON object", "invalid_json")
-    return body, payload
-
-
 async def _proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
-    gw = _gateway(request)
-    body, payload = await read_json_body(request)
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, "'model' must be a string", "invalid_model")
-    ctx = RequestContext(endpoint=endpoint, model=model, stream=payload.get("stream") is True, payload=payload)
-    await gw.policy.admit(request, ctx)
-    target = gw.registry.resolve(model, endpoint)
-    return await forward(gw.upstream, target, path, body, ctx, gw.policy.finished)
+    """Admit, route, forward; the policy hears `finished` exactly once, whatever happens."""
+    gw = gateway_of(request)
+    ctx = RequestContext(endpoint=endpoint, model=None, stream=False, payload={})
+    stream_reports = False  # a streamed answer calls `finished` itself when it ends
+    try:
+        await gw.policy.admit(request, ctx)  # who asks comes first: a bad key is a 401, whatever the body
+        body, payload = await read_json_body(request)
+        model = payload.get("model")
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, "'model' must be a string", "invalid_model")
+        ctx.model, ctx.stream, ctx.payload = model, payload.get("stream") is True, payload
+        target = gw.registry.resolve(model, endpoint)
+        if ctx.stream and endpoint != "embeddings":
+            body = _with_stream_usage(body, payload, ctx)
+        response = await forward(gw.upstream, target, path, body, ctx, gw.policy.finished)
+        stream_reports = isinstance(response, StreamedAnswer)
+    except APIError as e:
+        ctx.status = e.status
+        response = e.response()
+    except asyncio.CancelledError:
+        ctx.disconnected = True
+        raise
+    finally:
+        if not stream_reports:
+            await gw.policy.finished(ctx)
+    if ctx.headers:
+        response.headers.update(ctx.headers)
+    return response
+
+
+def _with_stream_usage(body: bytes, payload: dict[str, Any], ctx: RequestContext) -> bytes:
+    """Ask the backend to end the stream with token usage; hide that chunk if the client did not ask."""
+    options = payload.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body
+    payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    ctx.strip_usage_chunk = True
+    return orjson.dumps(payload)
 
 
 PROXIED: dict[str, tuple[Endpoint, str]] = {  # gateway path -> (endpoint, backend path)
@@ -87,28 +97,29 @@ class ProxyFastPath:
         scope["app"] = self.app
         try:
             response = await _proxy(Request(scope, receive), *route)
-        except APIError as e:
-            response = e.response()
         except Exception:
             log.exception("unhandled error in %s", scope["path"])
             response = APIError(500, "internal error in the gateway", "internal_error").response()
         await response(scope, receive, send)
 
 
+def model_list(gw: Gateway) -> dict[str, Any]:
+    """Every model a client can name, in OpenAI's list shape plus type, backend and state."""
+    data = [{
+        "id": t.model_id,
+        "object": "model",
+        "created": _STARTED,
+        "owned_by": "llm-gateway" if t.slot else t.upstream,
+        "type": t.model_type,
+        "backend": f"slot:{t.slot.port}" if t.slot else f"upstream:{t.upstream}",
+        "state": t.slot.state.value if t.slot else "remote",
+    } for t in gw.registry.targets()]
+    return {"object": "list", "data": data}
+
+
 async def list_models(request: Request) -> Response:
-    gw = _gateway(request)
-    data = []
-    for t in gw.registry.targets():
-        data.append({
-            "id": t.model_id,
-            "object": "model",
-            "created": _STARTED,
-            "owned_by": "llm-gateway" if t.slot else t.upstream,
-            "type": t.model_type,
-            "backend": f"slot:{t.slot.port}" if t.slot else f"upstream:{t.upstream}",
-            "state": t.slot.state.value if t.slot else "remote",
-        })
-    return json_response({"object": "list", "data": data})
+    caller(request)
+    return json_response(model_list(gateway_of(request)))
 
 
 routes = [

@@ -1,8 +1,9 @@
 """The seam where authentication, limits and usage accounting plug into the request path.
 
 Every OpenAI route builds a `RequestContext`, asks the policy to `admit` it before anything is
-forwarded (raise `APIError` to refuse) and tells the policy when it is `finished`, with the
-backend's token usage, even for streams and client disconnects. The proxy never changes for it.
+forwarded (raise `APIError` to refuse) and then calls `finished` exactly once, whatever happened:
+refused, failed, answered, streamed to the end or cut off by the client. By then the context holds
+the status and the backend's token usage. The proxy never changes for it.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     target: Target | None = None
     principal: Any = None  # who is asking; set by an authenticating policy
+    admitted: bool = False  # the policy let it through (and may hold resources for it)
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response, refusals included
     status: int = 0
     usage: dict[str, Any] | None = None  # the backend's `usage` object, when it sent one
     first_byte_at: float | None = None
     disconnected: bool = False
+    strip_usage_chunk: bool = False  # usage was asked of the backend for us, not by the client
+    streamed_events: int = 0  # SSE events relayed; an output estimate if a stream is cut short
 
     @property
     def latency_s(self) -> float:
@@ -38,13 +43,3 @@ class RequestContext:
 class RequestPolicy(Protocol):
     async def admit(self, request: Request, ctx: RequestContext) -> None: ...
     async def finished(self, ctx: RequestContext) -> None: ...
-
-
-class OpenPolicy:
-    """Lets everything through and records nothing: the gateway before accounts exist."""
-
-    async def admit(self, request: Request, ctx: RequestContext) -> None:
-        return None
-
-    async def finished(self, ctx: RequestContext) -> None:
-        return None

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import orjson
 from starlette.responses import Response
@@ -64,7 +63,11 @@ class UpstreamClient:
 
 async def forward(client: UpstreamClient, target: Target, path: str, body: bytes,
                   ctx: RequestContext, finish: Finish) -> Response:
-    """Send `body` to `target` and answer with what it says, in OpenAI's error shape on failure."""
+    """Send `body` to `target` and answer with what it says, in OpenAI's error shape on failure.
+
+    A whole answer is returned with `ctx` filled in; a stream is returned as a `StreamedAnswer`,
+    which calls `finish(ctx)` itself once the stream has ended, however it ended.
+    """
     ctx.target = target
     resp = await client.post(target, path, body)
     ctx.status = resp.status
@@ -83,7 +86,6 @@ async def forward(client: UpstreamClient, target: Target, path: str, body: bytes
     elif b'"usage"' in data:
         with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
             ctx.usage = orjson.loads(data).get("usage")
-    await finish(ctx)
     return Response(data, status_code=resp.status, media_type=content_type or "application/json")
 
 
@@ -134,17 +136,23 @@ class StreamedAnswer(Response):
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        tail = b""  # an SSE line split across chunks, kept so `usage` is never missed
+        tail = b""  # an event split across chunks, kept so `usage` is never missed
         try:
             async for chunk in self.upstream.iter_chunks(self.timeout):
                 if self.ctx.first_byte_at is None:
                     self.ctx.first_byte_at = time.perf_counter()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self.ctx.streamed_events += chunk.count(b"data: {")
                 data = tail + chunk if tail else chunk
-                cut = data.rfind(b"\n") + 1
-                tail = data[cut:]
-                if _USAGE_MARK in data:
-                    self._take_usage(data[:cut])
+                cut = data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0
+                complete, tail = data[:cut], data[cut:]
+                if self.ctx.strip_usage_chunk:
+                    chunk = self._without_usage_event(complete)  # relayed by whole events only
+                elif _USAGE_MARK in complete:
+                    self._take_usage(complete)
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if tail and self.ctx.strip_usage_chunk:
+                await send({"type": "http.response.body", "body": tail, "more_body": True})
         except BackendError as e:
             # Headers are gone already: tell the client in-band, as OpenAI's streams do.
             self.ctx.status = 504 if e.stage == "timeout" else 502
@@ -153,17 +161,25 @@ class StreamedAnswer(Response):
                         "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _take_usage(self, chunk: bytes) -> None:
-        for line in chunk.split(b"\n"):
+    def _take_usage(self, events: bytes) -> None:
+        for line in events.split(b"\n"):
             if line.startswith(b"data: ") and _USAGE_MARK in line:
                 with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
                     self.ctx.usage = orjson.loads(line[6:]).get("usage")
+
+    def _without_usage_event(self, events: bytes) -> bytes:
+        """Drop the usage-only chunk (`"choices":[]`) we asked for; keep its numbers."""
+        if _USAGE_MARK not in events:
+            return events
+        kept = []
+        for event in events.split(b"\n\n"):
+            if _USAGE_MARK in event and b'"choices":[]' in event:
+                self._take_usage(event)
+            elif event:
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")

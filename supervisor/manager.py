@@ -47,11 +47,13 @@ class Supervisor:
         binary: Path | None,
         on_change: Callable[[dict[int, SlotConfig | None]], None] | None = None,
         timing: Timing = Timing(),
+        on_state: Callable[[int, SlotState], None] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.defaults = defaults
         self.binary = binary
-        self.on_change = on_change
+        self.on_change = on_change  # which model is in which slot changed (persist it)
+        self.on_state = on_state  # a slot went loading/ready/restarting/failed/stopped
         self.timing = timing
         self.slots: dict[int, Slot] = {}
         self._http: aiohttp.ClientSession | None = None
@@ -108,6 +110,7 @@ class Supervisor:
             assert self._http is not None, "Supervisor.start() was not called"
             slot = Slot(port, config, self.defaults, self.binary, self.log_dir, self.run_dir,  # type: ignore[arg-type]
                         self._http, self.timing)
+            slot.on_state = self.on_state
             self.slots[port] = slot
             slot.start()
         if persist:

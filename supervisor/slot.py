@@ -12,6 +12,7 @@ import enum
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ class Slot:
         self.pidfile = process.PidFile(run_dir, port)
         self.http = http
         self.timing = timing
-        self.state = SlotState.STOPPED
+        self.on_state: Callable[[int, SlotState], None] | None = None
+        self._state = SlotState.STOPPED
         self.restarts = 0
         self.last_error: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -75,6 +77,17 @@ class Slot:
         self._ready_event = asyncio.Event()
 
     # --- public --------------------------------------------------------------------------
+    @property
+    def state(self) -> SlotState:
+        return self._state
+
+    @state.setter
+    def state(self, value: SlotState) -> None:
+        if value is not self._state:
+            self._state = value
+            if self.on_state is not None:
+                self.on_state(self.port, value)
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"

@@ -82,12 +82,25 @@ class RunningGateway:
     data_dir: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
+    user_key: str = ""  # a `sub` user's key, made once the gateway is up
 
-    def client(self, **kwargs) -> openai.OpenAI:  # type: ignore[no-untyped-def]
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused-until-accounts", max_retries=0, **kwargs)
+    def client(self, key: str | None = None, **kwargs) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.user_key, max_retries=0, **kwargs)
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.user_key}"}
+
+    def admin(self, method: str, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                             timeout=30, **kwargs)
+
+    def new_user(self, username: str, tier: str = "payg", **fields) -> str:  # type: ignore[no-untyped-def]
+        r = self.admin("POST", "/admin/api/users", json={"username": username, "tier": tier, **fields})
+        assert r.status_code == 201, r.text
+        return str(r.json()["api_key"])
 
     def slots(self) -> dict[int, dict]:
-        r = httpx.get(f"{self.url}/admin/api/slots", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+        r = self.admin("GET", "/admin/api/slots")
         r.raise_for_status()
         return {s["port"]: s for s in r.json()["slots"]}
 
@@ -177,9 +190,11 @@ def gateway(gemma_path: Path, llama_server_bin: Path, remote_llama: str,
         },
         "upstreams": [{"name": "remote", "url": remote_llama, "models": ["remote-gemma"], "model_type": "text"}],
     }
+    config["rate_limits"] = {"payg": 1000, "sub": 1000}
     gw = start_gateway(tmp_path_factory.mktemp("gateway-data"), config)
     try:
         gw.wait_ready([SESSION_TEXT_SLOT, SESSION_EMBED_SLOT])
+        gw.user_key = gw.new_user("tester", "sub")
         yield gw
     finally:
         gw.stop()

@@ -33,7 +33,8 @@ def test_stream_arrives_incrementally(gateway: RunningGateway) -> None:
             "temperature": 0, "ignore_eos": True}
     started = time.perf_counter()
     first = None
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60,
+                      headers=gateway.headers()) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -58,13 +59,14 @@ def test_embeddings_from_embedding_slot(gateway: RunningGateway) -> None:
 
 
 def test_embeddings_without_model_go_to_the_embedding_slot(gateway: RunningGateway) -> None:
-    r = httpx.post(f"{gateway.url}/v1/embeddings", json={"input": "hello"}, timeout=30)
+    r = httpx.post(f"{gateway.url}/v1/embeddings", json={"input": "hello"}, timeout=30, headers=gateway.headers())
     assert r.status_code == 200, r.text
     assert len(r.json()["data"][0]["embedding"]) == 640
 
 
 def test_chat_without_model_goes_to_a_text_slot(gateway: RunningGateway) -> None:
-    r = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 4}, timeout=60)
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 4}, timeout=60,
+                   headers=gateway.headers())
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "gemma"
 
@@ -95,21 +97,22 @@ def test_unknown_model_is_404_in_openai_shape(gateway: RunningGateway) -> None:
     error = err.value.body
     assert error["code"] == "model_not_found"
     assert "no-such-model" in error["message"] and "gemma" in error["message"]
-    r = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "nope", "messages": PROMPT})
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "nope", "messages": PROMPT},
+                   headers=gateway.headers())
     assert r.status_code == 404
     assert set(r.json()["error"]) >= {"message", "type", "code"}
 
 
 def test_malformed_json_is_400(gateway: RunningGateway) -> None:
     r = httpx.post(f"{gateway.url}/v1/chat/completions", content=b'{"model": "gemma", "messages": [',
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **gateway.headers()})
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert r.json()["error"]["code"] == "invalid_json"
 
 
 def test_non_object_body_is_400(gateway: RunningGateway) -> None:
-    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=["not", "an", "object"])
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=["not", "an", "object"], headers=gateway.headers())
     assert r.status_code == 400
 
 
@@ -121,7 +124,7 @@ def test_embedding_request_to_text_model_says_why(gateway: RunningGateway) -> No
 
 def test_backend_errors_pass_through_in_openai_shape(gateway: RunningGateway) -> None:
     r = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "gemma", "messages": "not a list"},
-                   timeout=30)
+                   timeout=30, headers=gateway.headers())
     assert 400 <= r.status_code < 500
     assert "message" in r.json()["error"]
 
@@ -129,7 +132,7 @@ def test_backend_errors_pass_through_in_openai_shape(gateway: RunningGateway) ->
 def test_unknown_route_and_method_in_openai_shape(gateway: RunningGateway) -> None:
     r = httpx.get(f"{gateway.url}/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = httpx.get(f"{gateway.url}/v1/chat/completions")
+    r = httpx.get(f"{gateway.url}/v1/chat/completions", headers=gateway.headers())
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 

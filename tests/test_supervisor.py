@@ -23,7 +23,7 @@ UNLOAD_SLOT, CRASH_SLOT, STOP_SLOT, KILL_SLOT = 4803, 4804, 4805, 4806
 def test_killed_slot_comes_back_and_serves(gateway: RunningGateway) -> None:
     before = gateway.slots()[SESSION_TEXT_SLOT]
     os.kill(before["pid"], signal.SIGKILL)
-    down = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10,
+    down = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10, headers=gateway.headers(),
                       json={"model": "gemma", "messages": [{"role": "user", "content": "hi"}]})
     assert down.status_code == 503, down.text  # restarting, or not yet noticed: the port is closed
     assert down.json()["error"]["code"] in ("model_not_ready", "backend_unavailable")
@@ -50,6 +50,8 @@ def test_slot_status_reports_what_runs(gateway: RunningGateway) -> None:
 def test_admin_slots_needs_the_admin_key(gateway: RunningGateway) -> None:
     assert httpx.get(f"{gateway.url}/admin/api/slots").status_code == 401
     r = httpx.get(f"{gateway.url}/admin/api/slots", headers={"Authorization": "Bearer sk-wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(f"{gateway.url}/admin/api/slots", headers=gateway.headers())
     assert r.status_code == 403 and r.json()["error"]["code"] == "not_admin"
 
 

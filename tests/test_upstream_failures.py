@@ -94,12 +94,13 @@ def gw(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
         ],
     }
     gateway = start_gateway(tmp_path_factory.mktemp("failures"), config)
+    gateway.user_key = gateway.new_user("failures", "sub")
     yield gateway
     gateway.stop()
 
 
 def chat(gw: RunningGateway, model: str, **extra) -> httpx.Response:  # type: ignore[no-untyped-def]
-    return httpx.post(f"{gw.url}/v1/chat/completions", timeout=20, headers={"Authorization": "Bearer sk-client"},
+    return httpx.post(f"{gw.url}/v1/chat/completions", timeout=20, headers=gw.headers(),
                       json={"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
 
 
@@ -125,7 +126,7 @@ def test_upstream_down_is_503(gw: RunningGateway) -> None:
 
 
 def test_upstream_plain_text_error_becomes_openai_shaped(gw: RunningGateway) -> None:
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    client = gw.client()
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
     assert "Internal kaboom" in err.value.body["message"]
@@ -133,7 +134,7 @@ def test_upstream_plain_text_error_becomes_openai_shaped(gw: RunningGateway) -> 
 
 def test_client_leaving_mid_stream_stops_the_upstream(gw: RunningGateway, upstream: ScriptedUpstream) -> None:
     upstream.stream_cancelled.clear()
-    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=20,
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=20, headers=gw.headers(),
                       json={"model": "endless", "stream": True, "messages": []}) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
@@ -142,7 +143,7 @@ def test_client_leaving_mid_stream_stops_the_upstream(gw: RunningGateway, upstre
 
 
 def test_stream_that_stalls_ends_with_an_error_event(gw: RunningGateway) -> None:
-    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=20,
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=20, headers=gw.headers(),
                       json={"model": "stall", "stream": True, "messages": []}) as r:
         assert r.status_code == 200
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
