@@ -14,6 +14,7 @@ import http.client
 import json
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -137,16 +138,28 @@ def start_fast_upstream(children: Children, port: int, name: str = "upstream") -
     return f"http://{HOST}:{port}/v1"
 
 
-def start_gateway(children: Children, data_dir: Path, upstream_base: str, port: int) -> str:
-    """Start the gateway with a config whose only backend is `upstream_base`; returns its base URL."""
+def start_gateway(children: Children, data_dir: Path, upstream_base: str, port: int) -> tuple[str, str]:
+    """Start the gateway in front of `upstream_base` and make a paying user for the load.
+
+    Returns the gateway's base URL and that user's API key, so authentication, the rate limiter
+    (set high enough never to refuse), pricing and usage accounting are all in the measured path.
+    """
+    admin_key = "sk-admin-bench-" + secrets.token_urlsafe(24)
     config = {"slots": {}, "upstreams": [{"name": "bench", "url": upstream_base, "models": [MODEL],
-                                          "model_type": "text"}]}
+                                          "model_type": "text"}],
+              "admin_key": admin_key, "rate_limits": {"payg": 10**9, "sub": 10**9},
+              "pricing": {"input_per_1k": 0.0001, "output_per_1k": 0.0002}}
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     children.start("gateway", [sys.executable, "-m", "gateway", "serve", "--data-dir", str(data_dir),
                                "--host", HOST, "--port", str(port), "--log-level", "warning"])
     children.wait_ready("gateway", f"http://{HOST}:{port}/health")
-    return f"http://{HOST}:{port}/v1"
+    req = urllib.request.Request(f"http://{HOST}:{port}/admin/api/users", method="POST",
+                                 data=json.dumps({"username": "bench", "tier": "payg", "balance": 10**9}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {admin_key}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        user_key = str(json.loads(resp.read())["api_key"])
+    return f"http://{HOST}:{port}/v1", user_key
 
 
 def chat_body(model: str) -> bytes:

@@ -1,7 +1,8 @@
 """The gateway's overhead: the same load straight at a fast upstream and through the gateway.
 
 Starts bench/fast_upstream.py and the gateway in front of it (temp data dir, free loopback
-ports), then drives non-streaming chat completions at concurrency 1 and 16 on both paths and
+ports, a `payg` user whose key every gateway request carries, so authentication, rate limiting,
+pricing and usage accounting are all measured), then drives non-streaming chat completions at concurrency 1 and 16 on both paths and
 prints requests/s, p50 and p99 for each, the gateway/direct ratios, the p50 the gateway adds,
 and how that compares with the targets (>= 3,000 rps at c=16, <= 1 ms added p50 at c=1).
 Every child process is stopped at the end, also on Ctrl-C or an error.
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace, tmp: Path, children: Children) -> list[tuple[s
     upstream: str | None = None  # the direct path; None when only a running gateway is measured
     if args.gateway_url is None:
         upstream = start_fast_upstream(children, free_port())
-        gateway = start_gateway(children, tmp / "data", upstream, free_port())
+        gateway, args.api_key = start_gateway(children, tmp / "data", upstream, free_port())
     else:
         gateway = normalise_base(args.gateway_url)
         if args.upstream_url:

@@ -263,23 +263,26 @@ def test_usage_windows_and_by_model(gw: RunningGateway) -> None:
 
 
 # --- signup and public routes -----------------------------------------------------------------
-def test_signup_approve_then_the_key_works(gw: RunningGateway) -> None:
+def test_signup_approve_reject_and_the_per_ip_limit(gw: RunningGateway) -> None:
+    """signups_per_hour is 3 for this gateway, and every request here comes from 127.0.0.1."""
     r = httpx.post(f"{gw.url}/api/signup", json={"username": "newcomer", "email": "n@example.org"})
     assert r.status_code == 202
     signup_id = r.json()["id"]
     pending = gw.admin("GET", "/admin/api/signups", params={"status": "pending"}).json()["signups"]
     assert any(s["id"] == signup_id and s["username"] == "newcomer" for s in pending)
+    assert gw.admin("GET", "/admin/api/users/newcomer").status_code == 404  # no account before approval
     approved = gw.admin("POST", f"/admin/api/signups/{signup_id}/approve", json={"tier": "sub"})
     assert approved.status_code == 201
-    key = approved.json()["api_key"]
-    assert chat(gw, key).status_code == 200
-    again = gw.admin("POST", f"/admin/api/signups/{signup_id}/approve")
-    assert again.status_code == 404
+    assert chat(gw, approved.json()["api_key"]).status_code == 200
+    assert gw.admin("POST", f"/admin/api/signups/{signup_id}/approve").status_code == 404  # only once
 
+    unwelcome = httpx.post(f"{gw.url}/api/signup", json={"username": "unwelcome"}).json()["id"]
+    assert gw.admin("POST", f"/admin/api/signups/{unwelcome}/reject").json()["status"] == "rejected"
+    assert gw.admin("GET", "/admin/api/users/unwelcome").status_code == 404
 
-def test_signup_is_rate_limited_per_ip(gw: RunningGateway) -> None:
-    codes = [httpx.post(f"{gw.url}/api/signup", json={"username": f"spammer{i}"}).status_code for i in range(4)]
-    assert codes.count(429) >= 1 and codes[0] in (202, 429)
+    assert httpx.post(f"{gw.url}/api/signup", json={"username": "third"}).status_code == 202
+    r = httpx.post(f"{gw.url}/api/signup", json={"username": "fourth"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 def test_public_routes_need_no_key(gw: RunningGateway) -> None:
@@ -332,3 +335,24 @@ async def test_concurrency_cap_queues_then_refuses(remote_llama: str, tmp_path: 
         assert refused.json()["error"]["code"] == "server_overloaded"
     finally:
         gw.stop()
+
+
+def test_deleted_user_loses_access_but_keeps_history(gw: RunningGateway) -> None:
+    key = gw.new_user("leaving-for-good", "sub")
+    assert chat(gw, key).status_code == 200
+    usage_rows(gw, "leaving-for-good", 1)
+    assert gw.admin("DELETE", "/admin/api/users/leaving-for-good").status_code == 204
+    assert chat(gw, key).status_code == 401
+    assert gw.admin("GET", "/admin/api/users/leaving-for-good").status_code == 404
+    history = gw.admin("GET", "/admin/api/usage", params={"last_hours": 1}).json()["usage"]
+    assert any(u["username"] == "leaving-for-good" and u["requests"] == 1 for u in history)
+
+
+def test_user_sees_own_profile_and_models(gw: RunningGateway) -> None:
+    key = gw.new_user("curious", "payg", balance=3, credits=7)
+    profile = me(gw, key)
+    assert profile["username"] == "curious" and profile["tier"] == "payg" and profile["balance"] == 3
+    assert profile["credits"] == 7 and profile["key_prefix"] == key[:12]
+    models = httpx.get(f"{gw.url}/user/api/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert [m["id"] for m in models] == [MODEL]
+    assert httpx.get(f"{gw.url}/user/api/me").status_code == 401
