@@ -49,14 +49,17 @@ class AccountPolicy:
         principal = Principal(user, key)
         ctx.principal = principal
         limit = self.rate_limit(user)
-        ctx.headers.update(self.limiter.status(user.id, limit).headers())
         credit_cost = self.config.credit_costs.get(user.tier, 1.0) if user.credits is not None else 0.0
-        if user.tier == "payg" and user.balance <= 0:
-            raise APIError(429, f"Your balance is used up ({user.balance:.6f}). Ask an administrator to add "
-                                "funds.", "insufficient_quota")
-        if credit_cost > 0 and (user.credits or 0) < credit_cost:
-            raise APIError(429, f"You have no credits left ({user.credits:g}).", "insufficient_quota")
-        ctx.headers.update(self.limiter.take(user.id, limit).headers())
+        try:
+            if user.tier == "payg" and user.balance <= 0:
+                raise APIError(429, f"Your balance is used up ({user.balance:.6f}). Ask an administrator to "
+                                    "add funds.", "insufficient_quota")
+            if credit_cost > 0 and (user.credits or 0) < credit_cost:
+                raise APIError(429, f"You have no credits left ({user.credits:g}).", "insufficient_quota")
+            ctx.headers = self.limiter.take(user.id, limit).headers()
+        except APIError:
+            ctx.headers = self.limiter.status(user.id, limit).headers()  # refusals carry them too
+            raise
         await self.gate.acquire()
         # Nothing below can fail: what was taken is given back in `finished`.
         ctx.admitted = True

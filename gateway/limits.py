@@ -61,12 +61,11 @@ class RateLimiter:
         now = self._clock()
         log = self._window(who, now)
         if len(log) >= limit:
-            status = self.status(who, limit)
-            raise APIError(429, f"Rate limit reached: {limit} {what}. Try again in "
-                                f"{status.reset_s:.1f}s.", "rate_limit_exceeded",
-                           headers={**status.headers(), "Retry-After": str(max(1, math.ceil(status.reset_s)))})
+            reset = max(0.0, log[0] + self.window_s - now)
+            raise APIError(429, f"Rate limit reached: {limit} {what}. Try again in {reset:.1f}s.",
+                           "rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(reset)))})
         log.append(now)
-        return self.status(who, limit)
+        return RateStatus(limit, limit - len(log), log[0] + self.window_s - now)
 
 
 class ConcurrencyGate:

@@ -52,8 +52,8 @@ async def _proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
     finally:
         if not stream_reports:
             await gw.policy.finished(ctx)
-    if ctx.headers:
-        response.headers.update(ctx.headers)
+    if ctx.headers:  # set by the policy and never by the backend, so appending cannot duplicate
+        response.raw_headers.extend((k.encode(), v.encode()) for k, v in ctx.headers.items())
     return response
 
 
