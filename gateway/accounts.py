@@ -63,8 +63,15 @@ class Accounts:
                 user.balance -= pending[user.id].balance
                 if user.credits is not None:
                     user.credits -= pending[user.id].credits
-        self.users = {u.id: u for u in users}
-        self.by_name = {u.username: u for u in users}
+        # Update the User objects in place: requests in flight hold them and charge them when done.
+        current = {}
+        for fresh in users:
+            user = self.users.get(fresh.id, fresh)
+            if user is not fresh:
+                user.__dict__.update(fresh.__dict__)
+            current[user.id] = user
+        self.users = current
+        self.by_name = {u.username: u for u in current.values()}
         self.keys = {k.key_hash: k for k in await self.storage.load_keys()}
 
     def start_watching(self, interval: float = 2.0) -> None:

@@ -146,3 +146,10 @@ def test_landing_page_lists_the_api(gateway: RunningGateway) -> None:
     r = httpx.get(gateway.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "llm-gateway" in r.text and "/v1/models" in r.text
+
+
+def test_uptime_history_records_slot_states(gateway: RunningGateway) -> None:
+    uptime = httpx.get(f"{gateway.url}/api/uptime").json()
+    assert uptime["components"]["slot:4801"]["model"] == "gemma"
+    states = [event["state"] for event in uptime["history"]["slot:4801"]]
+    assert states[:2] == ["loading", "ready"]
