@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import math
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from starlette.responses import Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
 from harness import (HOST, MODEL, Children, add_load_args, chat_body, check_chat,  # noqa: E402
-                     exit_on_sigterm, fmt, free_port, load_note, print_table, start_fast_upstream)
+                     exit_on_sigterm, fmt, free_port, load_note, run_and_report, start_fast_upstream)
 from loadgen import LoadResult, drive, pick_generator  # noqa: E402
 
 CLIENTS = ("httpx", "aiohttp", "backend_http")
@@ -173,22 +172,7 @@ def main(argv: list[str] | None = None) -> int:
           f"after {args.warmup:g} s warm-up")
     print(f"load generator: {args.generator}")
     print(f"machine: {load_note()}", flush=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="llm-gateway-bench-") as tmp, Children(Path(tmp)) as children:
-            rows = run(args, children)
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
-    print()
-    print_table(rows)
-    print()
-    print_comparison(rows)
-    print(f"\nmachine after: {load_note()}")
-    return 0
-
+    return run_and_report(lambda tmp, children: run(args, children), print_comparison)
 
 if __name__ == "__main__":
     sys.exit(main())

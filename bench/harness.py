@@ -19,9 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -212,3 +214,24 @@ def print_table(rows: list[tuple[str, LoadResult]]) -> None:
     for path, r in rows:
         print(f"{path:<12} {r.concurrency:>4} {r.requests:>9,} {fmt(r.rps, 0):>10} {fmt(r.p50_ms, 3):>8} "
               f"{fmt(r.p99_ms, 3):>8} {r.errors:>6}")
+
+
+def run_and_report(measure: Callable[[Path, Children], list[tuple[str, LoadResult]]],
+                   summarize: Callable[[list[tuple[str, LoadResult]]], None]) -> int:
+    """Run `measure` in a temp dir with its children stopped afterwards, then print the table and
+    `summarize`'s lines. Returns the exit code: 130 on Ctrl-C, 1 when a path failed its check."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="llm-gateway-bench-") as tmp, Children(Path(tmp)) as children:
+            rows = measure(Path(tmp), children)
+    except KeyboardInterrupt:
+        print("\ninterrupted; child processes stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    print()
+    print_table(rows)
+    print()
+    summarize(rows)
+    print(f"\nmachine after: {load_note()}")
+    return 0

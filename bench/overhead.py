@@ -2,9 +2,10 @@
 
 Starts bench/fast_upstream.py and the gateway in front of it (temp data dir, free loopback
 ports, a `payg` user whose key every gateway request carries, so authentication, rate limiting,
-pricing and usage accounting are all measured), then drives non-streaming chat completions at concurrency 1 and 16 on both paths and
-prints requests/s, p50 and p99 for each, the gateway/direct ratios, the p50 the gateway adds,
-and how that compares with the targets (>= 3,000 rps at c=16, <= 1 ms added p50 at c=1).
+pricing and usage accounting are all measured), then drives non-streaming chat completions at
+concurrency 1 and 16 on both paths and prints requests/s, p50 and p99 for each, the gateway/direct
+ratios, the p50 the gateway adds, and how that compares with the targets (>= 3,000 rps at c=16,
+<= 1 ms added p50 at c=1).
 Every child process is stopped at the end, also on Ctrl-C or an error.
 
     .venv/bin/python bench/overhead.py [--duration 5] [--concurrency 1,16] [--generator auto|wrk|python]
@@ -23,13 +24,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen/harness, also under `python -m`
 
 from harness import (MODEL, Children, add_load_args, auth_headers, chat_body, check_chat,  # noqa: E402
-                     exit_on_sigterm, fmt, free_port, load_note, normalise_base, print_table,
+                     exit_on_sigterm, fmt, free_port, load_note, normalise_base, run_and_report,
                      start_fast_upstream, start_gateway)
 from loadgen import LoadResult, drive, pick_generator  # noqa: E402
 
@@ -123,23 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                                                "higher ceilings)"))
     print(f"machine: {load_note()}", flush=True)
     args.generator = generator
-    try:
-        with tempfile.TemporaryDirectory(prefix="llm-gateway-bench-") as tmp, Children(Path(tmp)) as children:
-            rows = run(args, Path(tmp), children)
-    except KeyboardInterrupt:
-        print("\ninterrupted; child processes stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
-    print()
-    print_table(rows)
-    print()
-    print_summary(rows)
-    print(f"\nmachine after: {load_note()}")
-    print("note: the load generator, the upstream and the gateway share this machine's cores.")
-    return 0
-
+    def summarize(rows: list[tuple[str, LoadResult]]) -> None:
+        print_summary(rows)
+        print("note: the load generator, the upstream and the gateway share this machine's cores.")
+    return run_and_report(lambda tmp, children: run(args, tmp, children), summarize)
 
 if __name__ == "__main__":
     sys.exit(main())

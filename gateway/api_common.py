@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -66,7 +66,7 @@ def _instant(value: str, name: str) -> float:
     except ValueError:
         raise APIError(400, f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z", "invalid_time") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 

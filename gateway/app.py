@@ -22,7 +22,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from supervisor import SlotConfig, SlotState, Supervisor, Timing, find_llama_server
+from supervisor import SlotConfig, SlotState, Supervisor, find_llama_server
 
 from . import admin_api, openai_api, public_api, user_api
 from .account_policy import AccountPolicy
@@ -41,8 +41,7 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
 class Gateway:
-    def __init__(self, config: Config, data_dir: Path, timing: Timing = Timing(),
-                 storage: Storage | None = None) -> None:
+    def __init__(self, config: Config, data_dir: Path, storage: Storage | None = None) -> None:
         self.config = config
         self.data_dir = data_dir
         self.config_path = data_dir / "config.json"
@@ -55,7 +54,7 @@ class Gateway:
         self.gate = ConcurrencyGate(config.max_concurrent_requests, config.max_queued_requests, config.queue_timeout)
         self.policy = AccountPolicy(config, self.accounts, self.recorder, self.limiter, self.gate)
         binary = find_llama_server(config.llama_server)
-        self.supervisor = Supervisor(data_dir, config.slot_defaults(data_dir), binary, self._persist_slots, timing,
+        self.supervisor = Supervisor(data_dir, config.slot_defaults(data_dir), binary, self._persist_slots,
                                      on_state=self._slot_state)
         self.registry = ModelRegistry(self.supervisor, config.upstreams)
         self.upstream = UpstreamClient(read_timeout=config.request_timeout)
@@ -126,8 +125,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return APIError(exc.status_code, message, code, headers=dict(exc.headers or {})).response()
 
 
-def create_app(config: Config, data_dir: Path, timing: Timing = Timing()) -> ASGIApp:
-    gateway = Gateway(config, data_dir, timing)
+def create_app(config: Config, data_dir: Path) -> ASGIApp:
+    gateway = Gateway(config, data_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from .process import PidFile
-from .slot import Slot, SlotState, Timing
+from .slot import DEFAULT_TIMING, Slot, SlotState, Timing
 from .spec import EMBEDDING_TYPES, MMPROJ_TYPES, MODEL_TYPES, SLOT_PORTS, SlotConfig, SlotDefaults
 
 log = logging.getLogger("supervisor")
@@ -46,7 +46,7 @@ class Supervisor:
         defaults: SlotDefaults,
         binary: Path | None,
         on_change: Callable[[dict[int, SlotConfig | None]], None] | None = None,
-        timing: Timing = Timing(),
+        timing: Timing = DEFAULT_TIMING,
         on_state: Callable[[int, SlotState], None] | None = None,
     ) -> None:
         self.data_dir = data_dir

@@ -25,7 +25,7 @@ from .spec import SlotConfig, SlotDefaults, llama_server_args
 log = logging.getLogger("supervisor")
 
 
-class SlotState(str, enum.Enum):
+class SlotState(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
     RESTARTING = "restarting"
@@ -45,6 +45,9 @@ class Timing:
     max_failures: int = 5  # crashes in a row (without a healthy minute) before `failed`
     stable_after: float = 60.0  # a slot ready this long has its crash streak forgiven
     stop_grace: float = 5.0
+
+
+DEFAULT_TIMING = Timing()
 
 
 class Slot:

@@ -164,19 +164,18 @@ def start_gateway(data_dir: Path, config: dict, env: dict[str, str] | None = Non
 @pytest.fixture(scope="session")
 def remote_llama(llama_server_bin: Path, gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second, independent llama-server: the 'remote' OpenAI-compatible upstream."""
-    log = open(tmp_path_factory.mktemp("remote") / "llama.log", "wb")
-    proc = subprocess.Popen(
-        [str(llama_server_bin), "-m", str(gemma_path), "--alias", "remote-gemma", "--host", "127.0.0.1",
-         "--port", str(REMOTE_PORT), "-t", "1", "-c", "1024", "--no-webui"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(tmp_path_factory.mktemp("remote") / "llama.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(llama_server_bin), "-m", str(gemma_path), "--alias", "remote-gemma", "--host", "127.0.0.1",
+             "--port", str(REMOTE_PORT), "-t", "1", "-c", "1024", "--no-webui"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{REMOTE_PORT}/health"), 120, "the remote llama-server")
         yield f"http://127.0.0.1:{REMOTE_PORT}/v1"
     finally:
         proc.terminate()
         proc.wait(20)
-        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -91,6 +92,21 @@ async def test_slow_backend_is_a_timeout_and_the_connection_is_dropped(server: t
         await client.close()
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handle: Handler) -> AsyncIterator[tuple[str, BackendClient]]:
+    """A hand-written HTTP peer (for what well-behaved servers never do) and a client for it."""
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = BackendClient()
+    try:
+        yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/", client
+    finally:
+        await client.close()
+        srv.close()
+
+
 async def test_connection_the_backend_closed_while_idle_is_not_reused() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -99,18 +115,12 @@ async def test_connection_the_backend_closed_while_idle_is_not_reused() -> None:
         await asyncio.sleep(0.05)
         writer.close()  # ...closes anyway
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    client = BackendClient()
-    try:
+    async with raw_server(handle) as (url, client):
         for _ in range(3):
-            resp = await client.request("POST", f"http://127.0.0.1:{port}/", {}, b"", 5)
+            resp = await client.request("POST", url, {}, b"", 5)
             assert await resp.read(5) == b"ok"
             resp.release()
             await asyncio.sleep(0.1)
-    finally:
-        await client.close()
-        srv.close()
 
 
 async def test_request_lost_on_a_reused_connection_is_retried_once() -> None:
@@ -122,17 +132,11 @@ async def test_request_lost_on_a_reused_connection_is_retried_once() -> None:
         await reader.readuntil(b"\r\n\r\n")  # the second request on this connection...
         writer.close()  # ...is dropped unanswered
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    client = BackendClient()
-    try:
+    async with raw_server(handle) as (url, client):
         for _ in range(4):
-            resp = await client.request("POST", f"http://127.0.0.1:{port}/", {}, b"", 5)
+            resp = await client.request("POST", url, {}, b"", 5)
             assert await resp.read(5) == b"ok"
             resp.release()
-    finally:
-        await client.close()
-        srv.close()
 
 
 async def test_body_delimited_by_close() -> None:
@@ -142,15 +146,10 @@ async def test_body_delimited_by_close() -> None:
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-    client = BackendClient()
-    try:
-        resp = await client.request("POST", f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/", {}, b"", 5)
+    async with raw_server(handle) as (url, client):
+        resp = await client.request("POST", url, {}, b"", 5)
         assert await resp.read(5) == b"whole body"
         resp.release()
-    finally:
-        await client.close()
-        srv.close()
 
 
 async def test_broken_off_answer_is_an_error_not_a_short_body() -> None:
@@ -160,17 +159,12 @@ async def test_broken_off_answer_is_an_error_not_a_short_body() -> None:
         await writer.drain()
         writer.close()
 
-    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
-    client = BackendClient()
-    try:
-        resp = await client.request("POST", f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/", {}, b"", 5)
+    async with raw_server(handle) as (url, client):
+        resp = await client.request("POST", url, {}, b"", 5)
         with pytest.raises(BackendError) as err:
             await resp.read(5)
         assert err.value.stage == "response"
         resp.close()
-    finally:
-        await client.close()
-        srv.close()
 
 
 async def test_https_backend(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

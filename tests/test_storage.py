@@ -43,9 +43,10 @@ async def test_usage_charges_add_up_and_summaries_group(tmp_path: Path) -> None:
             await storage.create_user("alice", "sub", 0, None)
         key = await storage.add_key(alice.id, "h" * 64, "sk-alice1234")
         now = time.time()
-        rows = [UsageRow(now - 10, alice.id, "alice", key.prefix, "chat", "m1", "slot 4801", 10, 5, 2, 12.0, None, 200, 0.5),
-                UsageRow(now - 5, alice.id, "alice", key.prefix, "embeddings", "m2", "slot 4802", 7, 0, 0, 3.0, None, 200, 0.25),
-                UsageRow(now - 7200, alice.id, "alice", key.prefix, "chat", "m1", "slot 4801", 1, 1, 0, 1.0, None, 200, 0.1)]
+        who = (alice.id, "alice", key.prefix)
+        rows = [UsageRow(now - 10, *who, "chat", "m1", "slot 4801", 10, 5, 2, 12.0, None, 200, 0.5),
+                UsageRow(now - 5, *who, "embeddings", "m2", "slot 4802", 7, 0, 0, 3.0, None, 200, 0.25),
+                UsageRow(now - 7200, *who, "chat", "m1", "slot 4801", 1, 1, 0, 1.0, None, 200, 0.1)]
         await storage.record_usage(rows, {alice.id: Charge(balance=0.85, credits=3)}, {key.id: now})
         user = (await storage.load_users())[0]
         assert user.balance == pytest.approx(9.15) and user.credits == 2
