@@ -1,4 +1,4 @@
-"""Admin routes (`/admin/api/...`, admin keys only): users, keys, usage, signups, slots."""
+"""Admin routes for accounts (`/admin/api/...`, admin keys only): users, keys, usage, signups."""
 
 from __future__ import annotations
 
@@ -112,11 +112,6 @@ async def decide_signup(request: Request) -> Response:
     return json_response({"id": pending[0].id, "status": "rejected"})
 
 
-async def slots(request: Request) -> Response:
-    require_admin(request)
-    return json_response({"slots": gateway_of(request).supervisor.status()})
-
-
 routes = [
     Route("/admin/api/users", create_user, methods=["POST"]),
     Route("/admin/api/users", list_users, methods=["GET"]),
@@ -132,5 +127,4 @@ routes = [
     Route("/admin/api/signups", list_signups, methods=["GET"]),
     *(Route(f"/admin/api/signups/{{signup_id:int}}/{action}", decide_signup, methods=["POST"], name=f"signup-{action}")
       for action in ("approve", "reject")),
-    Route("/admin/api/slots", slots, methods=["GET"]),
 ]

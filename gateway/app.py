@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,12 +25,14 @@ from starlette.types import ASGIApp
 
 from supervisor import SlotConfig, SlotState, Supervisor, find_llama_server
 
-from . import admin_api, openai_api, public_api, user_api
+from . import admin_api, backends_api, models_api, openai_api, public_api, system_api, user_api
 from .account_policy import AccountPolicy
 from .accounts import Accounts
 from .config import Config, UpstreamConfig, save_config
 from .errors import APIError
 from .limits import ConcurrencyGate, RateLimiter
+from .observability import Metrics, log_request
+from .policy import RequestContext
 from .proxy import UpstreamClient
 from .sqlite_storage import SQLiteStorage
 from .storage import Storage
@@ -58,7 +61,16 @@ class Gateway:
                                      on_state=self._slot_state)
         self.registry = ModelRegistry(self.supervisor, config.upstreams)
         self.upstream = UpstreamClient(read_timeout=config.request_timeout)
+        self.metrics = Metrics(self)
         self._background: set[asyncio.Task[None]] = set()
+
+    async def request_finished(self, ctx: RequestContext) -> None:
+        """Called exactly once per proxied request, however it ended."""
+        if ctx.target is not None:
+            self.registry.end(ctx.target)
+        await self.policy.finished(ctx)
+        self.metrics.observe(ctx)
+        log_request(ctx)
 
     async def start(self) -> None:
         await self.storage.open()
@@ -69,7 +81,7 @@ class Gateway:
         if self.supervisor.binary is None and any(self.config.slots.values()):
             log.error("llama-server not found: run ./build_llamacpp.sh; local slots stay empty")
         await self.supervisor.start(self.config.slots)
-        await self._discover_upstream_models()
+        await self.discover_models(*(u for u in self.config.upstreams if not u.models))
 
     async def stop(self) -> None:
         await self.supervisor.stop()
@@ -92,25 +104,28 @@ class Gateway:
         self.config.slots = slots
         save_config(self.config, self.config_path)
 
-    async def _discover_upstream_models(self) -> None:
-        """Upstreams configured without `models` are asked for theirs (best effort, 5 s)."""
+    async def discover_models(self, *upstreams: UpstreamConfig) -> None:
+        """Ask upstreams for their model lists (best effort, 5 s); used when `models` is not given."""
         async def discover(session: aiohttp.ClientSession, up: UpstreamConfig) -> None:
             headers = {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
             try:
                 async with session.get(f"{up.url}/models", headers=headers) as r:
                     up.models = [m["id"] for m in (await r.json()).get("data", []) if m.get("id")]
                     log.info("upstream %s serves %s", up.name, ", ".join(up.models) or "no models")
-            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, KeyError) as e:
+            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, KeyError, AttributeError) as e:
                 log.warning("upstream %s: could not list its models (%s)", up.name, e.__class__.__name__)
-        pending = [u for u in self.config.upstreams if not u.models]
-        if pending:
+        if upstreams:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-                await asyncio.gather(*(discover(session, u) for u in pending))
+                await asyncio.gather(*(discover(session, u) for u in upstreams))
         self.registry.refresh_upstreams()
 
 
 async def landing(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html")
+
+
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -139,10 +154,14 @@ def create_app(config: Config, data_dir: Path) -> ASGIApp:
     app = Starlette(
         routes=[
             Route("/", landing, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             *public_api.routes,
             *openai_api.routes,
             *user_api.routes,
             *admin_api.routes,
+            *backends_api.routes,
+            *models_api.routes,
+            *system_api.routes,
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error},
         lifespan=lifespan,

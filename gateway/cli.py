@@ -13,6 +13,7 @@ from supervisor.manager import PROJECT_ROOT
 
 from . import cli_accounts
 from .config import ConfigError, load_config
+from .observability import JSONFormatter
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -49,14 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=4000)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    serve.add_argument("--log-format", default="text", choices=["text", "json"],
+                       help="json: one JSON object per log line (the access log is JSON either way)")
+    serve.add_argument("--access-log", action="store_true", help="uvicorn's access log too (costs throughput)")
     serve.add_argument("--proxy-headers", action="store_true",
                        help="trust X-Forwarded-For/-Proto (only behind a reverse proxy you run)")
     sub.add_parser("build", help="compile llama-server (arguments go to build_llamacpp.sh, e.g. --cuda)")
     cli_accounts.add_commands(sub, data_dir_default)
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    if getattr(args, "log_format", "text") == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), handlers=[handler])
     if args.command == "build":
         return _build(args, extra)
     if extra:

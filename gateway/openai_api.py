@@ -4,33 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api_common import caller, gateway_of, json_response, read_json_body
 from .errors import APIError
 from .policy import RequestContext
 from .proxy import StreamedAnswer, forward
-from .targets import Endpoint
+from .targets import Endpoint, Target, need_of
 
 if TYPE_CHECKING:
     from .app import Gateway
 
 log = logging.getLogger("gateway")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _STARTED = int(time.time())
 
 
 async def _proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
-    """Admit, route, forward; the policy hears `finished` exactly once, whatever happens."""
+    """Admit, route, forward; `request_finished` runs exactly once, whatever happens."""
     gw = gateway_of(request)
     ctx = RequestContext(endpoint=endpoint, model=None, stream=False, payload={})
-    stream_reports = False  # a streamed answer calls `finished` itself when it ends
+    given_id = _request_id(request.scope)
+    if given_id:
+        ctx.request_id = given_id
+    stream_reports = False  # a streamed answer calls `request_finished` itself when it ends
     try:
         await gw.policy.admit(request, ctx)  # who asks comes first: a bad key is a 401, whatever the body
         body, payload = await read_json_body(request)
@@ -38,10 +44,10 @@ async def _proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
         if model is not None and not isinstance(model, str):
             raise APIError(400, "'model' must be a string", "invalid_model")
         ctx.model, ctx.stream, ctx.payload = model, payload.get("stream") is True, payload
-        target = gw.registry.resolve(model, endpoint)
+        candidates = gw.registry.candidates(model, need_of(endpoint, payload))
         if ctx.stream and endpoint != "embeddings":
             body = _with_stream_usage(body, payload, ctx)
-        response = await forward(gw.upstream, target, path, body, ctx, gw.policy.finished)
+        response = await _forward_with_retry(gw, candidates, path, body, ctx)
         stream_reports = isinstance(response, StreamedAnswer)
     except APIError as e:
         ctx.status = e.status
@@ -51,10 +57,46 @@ async def _proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
         raise
     finally:
         if not stream_reports:
-            await gw.policy.finished(ctx)
+            await gw.request_finished(ctx)
+    response.raw_headers.append((b"x-request-id", ctx.request_id.encode()))
     if ctx.headers:  # set by the policy and never by the backend, so appending cannot duplicate
         response.raw_headers.extend((k.encode(), v.encode()) for k, v in ctx.headers.items())
     return response
+
+
+async def _forward_with_retry(gw: Gateway, candidates: list[Target], path: str, body: bytes,
+                              ctx: RequestContext) -> Response:
+    """Forward to the least busy candidate; if it cannot even be reached, once more to the next."""
+    for attempt, target in enumerate(candidates[:2]):
+        gw.registry.begin(target)
+        ctx.target = target
+        try:
+            return await forward(gw.upstream, target, path, body, ctx, gw.request_finished)
+        except APIError as e:
+            if e.code != "backend_unavailable" or attempt == 1 or len(candidates) < 2:
+                raise  # ctx.target stays counted: request_finished releases it
+            gw.registry.end(target)
+            ctx.target = None
+            log.warning("request %s: %s unreachable, retrying on %s", ctx.request_id, target.label,
+                        candidates[1].label)
+    raise AssertionError("unreachable")
+
+
+def _request_id(scope: Scope) -> str | None:
+    """The client's own X-Request-ID, when it sent a sensible one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _SAFE_ID.fullmatch(text) else None
+    return None
+
+
+def _with_request_id(send: Send, request_id: str) -> Send:
+    async def sender(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+        await send(message)
+    return sender
 
 
 def _with_stream_usage(body: bytes, payload: dict[str, Any], ctx: RequestContext) -> bytes:
@@ -91,9 +133,11 @@ class ProxyFastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = PROXIED.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        route = PROXIED.get(scope["path"]) if scope["method"] == "POST" else None
+        if route is None:
+            return await self.app(scope, receive, _with_request_id(send, _request_id(scope) or uuid.uuid4().hex))
         scope["app"] = self.app
         try:
             response = await _proxy(Request(scope, receive), *route)

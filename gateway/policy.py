@@ -9,6 +9,7 @@ the status and the backend's token usage. The proxy never changes for it.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,7 +25,8 @@ class RequestContext:
     stream: bool
     payload: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
-    target: Target | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    target: Target | None = None  # where it went; counted in the registry's in-flight load until finished
     principal: Any = None  # who is asking; set by an authenticating policy
     admitted: bool = False  # the policy let it through (and may hold resources for it)
     headers: dict[str, str] = field(default_factory=dict)  # added to the response, refusals included

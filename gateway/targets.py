@@ -1,29 +1,81 @@
-"""Where a request can go: local slots and remote upstreams, found by model name or by need.
+"""The capability router: which slot or upstream takes a request.
 
-This is the foundation's router: exact model name first (slot `name`, GGUF file stem, or an
-upstream's model), else the first ready backend of the type the endpoint needs.
+In order: the exact model name or alias (a slot's `name`, its GGUF file stem, an upstream's model);
+else what the request needs (image parts need vision/omni, input_audio parts need omni, embeddings
+of images need vision-embedding, other embeddings need embedding, plain chat goes to text). Among
+several able backends, the one with the fewest requests in flight comes first; the caller retries
+on the next one if the first cannot be reached.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from supervisor import Slot, Supervisor
-from supervisor.spec import EMBEDDING_TYPES
 
 from .config import UpstreamConfig
 from .errors import APIError
 
 Endpoint = Literal["chat", "completions", "embeddings"]
 DEFAULT_MODEL_NAMES = frozenset({"", "auto", "default"})
-# Which model types can serve each endpoint, in order of preference when no model is named.
-SERVES: dict[Endpoint, tuple[str, ...]] = {
-    "chat": ("text", "omni", "vision", "audio"),
-    "completions": ("text", "omni", "vision", "audio"),
-    "embeddings": ("embedding", "vision-embedding"),
+
+# What each model type can do; /v1/models shows these as `capabilities`.
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "text": ("chat", "completions"),
+    "vision": ("chat", "completions", "vision"),
+    "omni": ("chat", "completions", "vision", "audio_input"),
+    "embedding": ("embeddings",),
+    "vision-embedding": ("embeddings", "vision"),
+    "audio": ("transcriptions",),
+    "tts": ("speech",),
 }
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a request asks of a backend: an endpoint, and maybe image or audio input."""
+
+    endpoint: Endpoint
+    images: bool = False
+    audio: bool = False
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The model types able to serve it, the preferred first."""
+        if self.endpoint == "embeddings":
+            return ("vision-embedding",) if self.images else ("embedding", "vision-embedding")
+        if self.audio:
+            return ("omni",)
+        if self.images:
+            return ("vision", "omni")
+        return ("text", "omni", "vision")
+
+    def describe(self) -> str:
+        if self.endpoint == "embeddings":
+            return "image embeddings" if self.images else "embeddings"
+        return "audio input" if self.audio else "image input" if self.images else f"/{_path(self.endpoint)}"
+
+
+def need_of(endpoint: Endpoint, payload: dict[str, Any]) -> Need:
+    """Look through the request for image and audio parts."""
+    images = audio = False
+    if endpoint == "chat":
+        for message in payload.get("messages") or ():
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    images = images or kind in ("image_url", "image")
+                    audio = audio or kind in ("input_audio", "audio")
+    elif endpoint == "embeddings":
+        items = payload.get("input")
+        for item in items if isinstance(items, list) else (items,):
+            if isinstance(item, dict) and ("image_url" in item or "image" in item or item.get("type") == "image_url"):
+                images = True
+    return Need(endpoint, images, audio)
 
 
 @dataclass(frozen=True)
@@ -36,6 +88,11 @@ class Target:
     api_key: str | None = None
     slot: Slot | None = field(default=None, compare=False)
     upstream: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable identity for load counting: `slot:4801` or `upstream:name`."""
+        return f"slot:{self.slot.port}" if self.slot else f"upstream:{self.upstream}"
 
     @property
     def label(self) -> str:
@@ -56,54 +113,62 @@ class ModelRegistry:
     def __init__(self, supervisor: Supervisor, upstreams: list[UpstreamConfig]) -> None:
         self.supervisor = supervisor
         self.upstreams = upstreams
-        self._upstream_targets: dict[str, Target] = {}
+        self.in_flight: Counter[str] = Counter()  # by Target.key
+        self._upstream_targets: list[Target] = []
         self.refresh_upstreams()
 
     def refresh_upstreams(self) -> None:
-        targets: dict[str, Target] = {}
-        for up in self.upstreams:
-            for model in up.models:
-                targets.setdefault(model, Target(model, up.model_type, up.url, up.api_key, upstream=up.name))
-        self._upstream_targets = targets
+        self._upstream_targets = [Target(model, up.model_type, up.url, up.api_key, upstream=up.name)
+                                  for up in self.upstreams for model in up.models]
 
     def targets(self) -> list[Target]:
         slots = [slot_target(s) for _, s in sorted(self.supervisor.slots.items())]
-        return slots + list(self._upstream_targets.values())
+        return slots + self._upstream_targets
 
-    def _by_name(self, model: str) -> Target | None:
-        for slot in self.supervisor.slots.values():
-            if model in (slot.config.display_name, Path(slot.config.model_path).stem):
-                return slot_target(slot)
-        return self._upstream_targets.get(model)
+    def begin(self, target: Target) -> None:
+        self.in_flight[target.key] += 1
 
-    def resolve(self, model: str | None, endpoint: Endpoint) -> Target:
-        """The target for this request, or an APIError saying why there is none."""
-        wanted = SERVES[endpoint]
+    def end(self, target: Target) -> None:
+        self.in_flight[target.key] -= 1
+
+    def _named(self, model: str) -> list[Target]:
+        found = []
+        for target in self.targets():
+            stem = Path(target.slot.config.model_path).stem if target.slot else None
+            if model in (target.model_id, stem):
+                found.append(target)
+        return found
+
+    def candidates(self, model: str | None, need: Need) -> list[Target]:
+        """Ready targets for this request, least busy first; an APIError says why there are none."""
+        wanted = need.types
         if model is None or model in DEFAULT_MODEL_NAMES:
-            candidates = [t for t in self.targets() if t.model_type in wanted]
-            for target in sorted(candidates, key=lambda t: wanted.index(t.model_type)):
-                if target.available:
-                    return target
-            if candidates:
-                raise APIError(503, f"no {wanted[0]} model is ready yet ({candidates[0].label} is "
-                                    f"{candidates[0].slot.state.value if candidates[0].slot else 'down'})",
+            able = [t for t in self.targets() if t.model_type in wanted]
+            ready = [t for t in able if t.available]
+            if ready:
+                return sorted(ready, key=lambda t: (wanted.index(t.model_type), self.in_flight[t.key]))
+            if able:
+                state = able[0].slot.state.value if able[0].slot else "down"
+                raise APIError(503, f"no {wanted[0]} model is ready yet ({able[0].label} is {state})",
                                "model_not_ready", headers={"Retry-After": "2"})
-            raise APIError(503, f"no model of type {' or '.join(wanted)} is loaded", "no_model_loaded")
-        target = self._by_name(model)
-        if target is None:
-            names = ", ".join(t.model_id for t in self.targets()) or "none"
+            raise APIError(503, f"no model of type {' or '.join(wanted)} is loaded for {need.describe()}",
+                           "no_model_loaded")
+        named = self._named(model)
+        if not named:
+            names = ", ".join(sorted({t.model_id for t in self.targets()})) or "none"
             raise APIError(404, f"The model '{model}' does not exist. Available models: {names}",
                            "model_not_found")
-        if target.model_type not in wanted:
-            need = "an embedding model" if endpoint == "embeddings" else "a text, vision, omni or audio model"
-            kind = "embedding" if target.model_type in EMBEDDING_TYPES else target.model_type
-            raise APIError(400, f"The model '{model}' is a {kind} model; /v1/{_path(endpoint)} needs {need}",
-                           "model_not_supported")
-        if not target.available:
-            assert target.slot is not None
-            raise APIError(503, f"The model '{model}' ({target.label}) is {target.slot.state.value}; "
+        able = [t for t in named if t.model_type in wanted]
+        if not able:
+            could = sorted({f"{t.model_id} ({t.model_type})" for t in self.targets() if t.model_type in wanted})
+            raise APIError(400, f"The model '{model}' ({named[0].model_type}) cannot serve {need.describe()}; "
+                                f"models that can: {', '.join(could) or 'none loaded'}", "model_not_supported")
+        ready = [t for t in able if t.available]
+        if not ready:
+            assert able[0].slot is not None
+            raise APIError(503, f"The model '{model}' ({able[0].label}) is {able[0].slot.state.value}; "
                                 "try again shortly", "model_not_ready", headers={"Retry-After": "2"})
-        return target
+        return sorted(ready, key=lambda t: self.in_flight[t.key])
 
 
 def _path(endpoint: Endpoint) -> str:
