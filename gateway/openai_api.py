@@ -19,7 +19,7 @@ from .api_common import caller, gateway_of, json_response, read_json_body
 from .errors import APIError
 from .policy import RequestContext
 from .proxy import StreamedAnswer, forward
-from .targets import Endpoint, Target, need_of
+from .targets import CAPABILITIES, Endpoint, Target, need_of
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -148,17 +148,26 @@ class ProxyFastPath:
 
 
 def model_list(gw: Gateway) -> dict[str, Any]:
-    """Every model a client can name, in OpenAI's list shape plus type, backend and state."""
-    data = [{
-        "id": t.model_id,
-        "object": "model",
-        "created": _STARTED,
-        "owned_by": "llm-gateway" if t.slot else t.upstream,
-        "type": t.model_type,
-        "backend": f"slot:{t.slot.port}" if t.slot else f"upstream:{t.upstream}",
-        "state": t.slot.state.value if t.slot else "remote",
-    } for t in gw.registry.targets()]
-    return {"object": "list", "data": data}
+    """Every model a client can name, once each, in OpenAI's list shape plus type, capabilities,
+    state and the backends that serve it."""
+    models: dict[str, dict[str, Any]] = {}
+    for t in gw.registry.targets():
+        backend = f"slot:{t.slot.port}" if t.slot else f"upstream:{t.upstream}"
+        if t.model_id in models:
+            models[t.model_id]["backends"].append(backend)
+            continue
+        models[t.model_id] = {
+            "id": t.model_id,
+            "object": "model",
+            "created": _STARTED,
+            "owned_by": "llm-gateway" if t.slot else t.upstream,
+            "type": t.model_type,
+            "capabilities": list(CAPABILITIES.get(t.model_type, ())),
+            "backend": backend,
+            "backends": [backend],
+            "state": t.slot.state.value if t.slot else "remote",
+        }
+    return {"object": "list", "data": list(models.values())}
 
 
 async def list_models(request: Request) -> Response:
