@@ -6,7 +6,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -17,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api_common import caller, gateway_of, json_response, read_json_body
 from .errors import APIError
-from .policy import RequestContext
+from .policy import RequestContext, new_request_id
 from .proxy import StreamedAnswer, forward
 from .targets import CAPABILITIES, Endpoint, Target, need_of
 
@@ -137,7 +136,7 @@ class ProxyFastPath:
             return await self.app(scope, receive, send)
         route = PROXIED.get(scope["path"]) if scope["method"] == "POST" else None
         if route is None:
-            return await self.app(scope, receive, _with_request_id(send, _request_id(scope) or uuid.uuid4().hex))
+            return await self.app(scope, receive, _with_request_id(send, _request_id(scope) or new_request_id()))
         scope["app"] = self.app
         try:
             response = await _proxy(Request(scope, receive), *route)

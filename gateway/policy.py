@@ -8,14 +8,22 @@ the status and the backend's token usage. The proxy never changes for it.
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.requests import Request
 
 from .targets import Endpoint, Target
+
+_ID_PREFIX = secrets.token_hex(8)  # differs per gateway run...
+_ID_COUNTER = itertools.count()  # ...and a counter within it: unique without a syscall per request
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 @dataclass
@@ -25,7 +33,7 @@ class RequestContext:
     stream: bool
     payload: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: new_request_id())
     target: Target | None = None  # where it went; counted in the registry's in-flight load until finished
     principal: Any = None  # who is asking; set by an authenticating policy
     admitted: bool = False  # the policy let it through (and may hold resources for it)
