@@ -23,14 +23,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen/harness, also under `python -m`
 
+from harness import (  # noqa: E402
+    HOST,
+    MODEL,
+    Children,
+    add_load_args,
+    chat_body,
+    check_chat,
+    exit_on_sigterm,
+    fmt,
+    free_port,
+    load_note,
+    run_and_report,
+    start_fast_upstream,
+)
+from loadgen import LoadResult, drive, pick_generator  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
-
-from harness import (HOST, MODEL, Children, add_load_args, chat_body, check_chat,  # noqa: E402
-                     exit_on_sigterm, fmt, free_port, load_note, run_and_report, start_fast_upstream)
-from loadgen import LoadResult, drive, pick_generator  # noqa: E402
 
 CLIENTS = ("httpx", "aiohttp", "backend_http")
 Forward = Callable[[bytes], Awaitable[tuple[int, bytes, str]]]  # body -> (status, body, content type)

@@ -28,9 +28,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen/harness, also under `python -m`
 
-from harness import (MODEL, Children, add_load_args, auth_headers, chat_body, check_chat,  # noqa: E402
-                     exit_on_sigterm, fmt, free_port, load_note, normalise_base, run_and_report,
-                     start_fast_upstream, start_gateway)
+from harness import (  # noqa: E402
+    MODEL,
+    Children,
+    add_load_args,
+    auth_headers,
+    chat_body,
+    check_chat,
+    exit_on_sigterm,
+    fmt,
+    free_port,
+    load_note,
+    normalise_base,
+    run_and_report,
+    start_fast_upstream,
+    start_gateway,
+)
 from loadgen import LoadResult, drive, pick_generator  # noqa: E402
 
 TARGET_RPS_C16 = 3000.0

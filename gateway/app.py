@@ -25,7 +25,7 @@ from starlette.types import ASGIApp
 
 from supervisor import SlotConfig, SlotState, Supervisor, find_llama_server
 
-from . import admin_api, backends_api, models_api, openai_api, public_api, system_api, user_api
+from . import admin_api, backends_api, hf_api, models_api, openai_api, public_api, system_api, user_api
 from .account_policy import AccountPolicy
 from .accounts import Accounts
 from .config import Config, UpstreamConfig, save_config
@@ -161,6 +161,7 @@ def create_app(config: Config, data_dir: Path) -> ASGIApp:
             *admin_api.routes,
             *backends_api.routes,
             *models_api.routes,
+            *hf_api.routes,
             *system_api.routes,
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error},

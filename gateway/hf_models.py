@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 import httpx2
@@ -153,15 +153,22 @@ def hub_error(exc: BaseException, endpoint: str, what: str) -> HubError:
     if isinstance(exc, RemoteEntryNotFoundError):
         return HubError(f"{what}: file not found in the repo", 404, "hf_file_not_found")
     if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
-        return HubError(f"{what}: the Hub at {endpoint} answered HTTP {status}", 502, "hf_error")
+        response = exc.response
+        status = response.status_code if response is not None else "?"
+        where = endpoint
+        if response is not None:
+            url = urlsplit(str(response.url))
+            where = f"{url.scheme}://{url.netloc}"
+        return HubError(f"{what}: {where} answered HTTP {status}", 502, "hf_error")
     if isinstance(exc, OfflineModeIsEnabled):
         return HubError(f"{what}: HF_HUB_OFFLINE is set, so the Hub cannot be reached", 502, "hf_offline")
-    if isinstance(exc, (httpx2.HTTPError, OSError, TimeoutError)):
-        detail = str(exc) or type(exc).__name__
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, (httpx2.HTTPError, ConnectionError, TimeoutError)):
         return HubError(f"{what}: could not reach the Hugging Face Hub at {endpoint}: {detail}", 502,
                         "hf_unreachable")
-    return HubError(f"{what}: {type(exc).__name__}: {exc}", 502, "hf_error")
+    if isinstance(exc, OSError):  # the disk (space, permissions) or huggingface-hub's size check
+        return HubError(f"{what}: {detail}", 500, "download_error")
+    return HubError(f"{what}: {type(exc).__name__}: {detail}", 502, "hf_error")
 
 
 # --- search and listing --------------------------------------------------------------------------------------
@@ -188,7 +195,7 @@ async def _in_thread(what: str, endpoint: str, fn: Any, *args: Any) -> Any:
     except TimeoutError:
         raise HubError(f"{what}: the Hugging Face Hub at {endpoint} did not answer within "
                        f"{SEARCH_TIMEOUT_S:.0f}s", 502, "hf_timeout") from None
-    except Exception as e:  # noqa: BLE001 - every failure of the call becomes a HubError
+    except Exception as e:  # every failure of the call becomes a HubError
         raise hub_error(e, endpoint, what) from e
 
 
@@ -282,7 +289,7 @@ class _ProgressHook:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> _ProgressHook:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

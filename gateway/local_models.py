@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,8 @@ def _describe(path: Path, models_dir: Path) -> dict[str, Any]:
     try:
         info = read_gguf_info(path)
     except (OSError, ValueError) as e:
-        try:
+        with contextlib.suppress(OSError):
             entry["size_bytes"] = path.stat().st_size
-        except OSError:
-            pass
         entry["error"] = str(e) or type(e).__name__
         return entry
     entry.update(size_bytes=info.size_bytes, name=info.name, architecture=info.architecture,

@@ -42,8 +42,9 @@ class Metrics:
         self.latency.labels(ctx.endpoint).observe(ctx.latency_s)
         if ctx.usage:
             details = ctx.usage.get("prompt_tokens_details") or {}
-            for kind, value in (("input", ctx.usage.get("prompt_tokens")), ("output", ctx.usage.get("completion_tokens")),
-                                ("cached", details.get("cached_tokens"))):
+            counts = (("input", ctx.usage.get("prompt_tokens")), ("output", ctx.usage.get("completion_tokens")),
+                      ("cached", details.get("cached_tokens")))
+            for kind, value in counts:
                 if value:
                     self.tokens.labels(model, kind).inc(value)
         if ctx.stream and ctx.first_byte_at is not None:

@@ -22,6 +22,7 @@ many file bytes were served (`bytes_served`) and which `Range`/`Authorization` h
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -80,10 +81,11 @@ class FakeHub:
         self.redirect_to_cdn = redirect_to_cdn
         self.send_delay = 0.0  # seconds to sleep after each 64 KiB block of file bytes
         self.content_error: int | None = None  # answer file downloads (GET) with this status
-        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path with query, headers)
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path+query, lower-cased headers)
         self.downloads: list[DownloadRecord] = []
         self.bytes_served = 0
         self._cut_after: int | None = None
+        self._fail_after_cut: int | None = None
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
         self.endpoint = ""
@@ -96,10 +98,12 @@ class FakeHub:
         self.repos[repo_id] = repo
         return repo
 
-    def cut_next_download(self, after_bytes: int) -> None:
-        """The next GET of file bytes sends the full headers, then `after_bytes` bytes, then drops the connection."""
+    def cut_next_download(self, after_bytes: int, then_fail_with: int | None = None) -> None:
+        """The next GET of file bytes sends the full headers, then `after_bytes` bytes, then drops the connection;
+        with `then_fail_with`, later downloads get that status (until `content_error` is reset)."""
         with self._lock:
             self._cut_after = after_bytes
+            self._fail_after_cut = then_fail_with
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -140,6 +144,8 @@ class FakeHub:
     def _take_cut(self) -> int | None:
         with self._lock:
             cut, self._cut_after = self._cut_after, None
+            if cut is not None and self._fail_after_cut is not None:
+                self.content_error, self._fail_after_cut = self._fail_after_cut, None
             return cut
 
     def _count(self, n: int, record: DownloadRecord) -> None:
@@ -227,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._route()
 
     def _route(self) -> None:
-        self.fake.requests.append((self.command, self.path, dict(self.headers.items())))
+        self.fake.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
         url = urlsplit(self.path)
         path = unquote(url.path)
         query = parse_qs(url.query)
@@ -331,15 +337,13 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[:cut]
         for i in range(0, len(body), _SEND_BLOCK):
             block = body[i:i + _SEND_BLOCK]
+            self.fake._count(len(block), record)  # before the client can see it: no late counts after it is done
             self.wfile.write(block)
             self.wfile.flush()
-            self.fake._count(len(block), record)
             if self.fake.send_delay:
                 threading.Event().wait(self.fake.send_delay)
         if cut is not None:
             record.cut = True
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass

@@ -219,7 +219,8 @@ def test_metrics_count_requests_and_show_slots(gw: RunningGateway) -> None:
     text = httpx.get(f"{gw.url}/metrics").text
     assert 'llm_gateway_requests_total{endpoint="chat",model="gemma",status="200"}' in text
     assert f'llm_gateway_slot_state{{model="gemma",slot="{TEXT_SLOT}",state="ready"}} 1.0' in text
-    assert "llm_gateway_request_seconds_bucket" in text and 'llm_gateway_tokens_total{kind="output",model="gemma"}' in text
+    assert "llm_gateway_request_seconds_bucket" in text
+    assert 'llm_gateway_tokens_total{kind="output",model="gemma"}' in text
 
 
 def test_every_answer_carries_a_request_id(gw: RunningGateway) -> None:
