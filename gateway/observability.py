@@ -1,18 +1,22 @@
 """Metrics (Prometheus text at /metrics) and the structured access log, both fed per finished request.
 
 Each gateway has its own `CollectorRegistry`, so several gateways in one process (tests) never mix.
-Slot states and in-flight counts are read when /metrics is scraped, not tracked on the hot path.
+prometheus-client writes the exposition format; the counting itself is plain dict arithmetic.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .policy import RequestContext
 
@@ -24,61 +28,93 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Metrics:
+    """Counted in plain dicts on the request path (a few dict updates per request) and turned into
+    Prometheus families only when /metrics is scraped."""
+
     def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.tokens: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.latency: dict[str, _Histogram] = collections.defaultdict(_Histogram)
+        self.ttft: dict[str, _Histogram] = collections.defaultdict(_Histogram)
         self.registry = CollectorRegistry()
-        self.requests = Counter("llm_gateway_requests", "Requests by endpoint, model and status",
-                                ["endpoint", "model", "status"], registry=self.registry)
-        self.tokens = Counter("llm_gateway_tokens", "Tokens by model and kind (input, output, cached)",
-                              ["model", "kind"], registry=self.registry)
-        self.latency = Histogram("llm_gateway_request_seconds", "Request latency by endpoint",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = Histogram("llm_gateway_time_to_first_token_seconds", "Time to first token of streams",
-                              ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_LiveState(gateway))
+        self.registry.register(self)
 
     def observe(self, ctx: RequestContext) -> None:
         model = ctx.target.model_id if ctx.target else (ctx.model or "")
-        self.requests.labels(ctx.endpoint, model, str(ctx.status)).inc()
-        self.latency.labels(ctx.endpoint).observe(ctx.latency_s)
-        if ctx.usage:
-            details = ctx.usage.get("prompt_tokens_details") or {}
-            counts = (("input", ctx.usage.get("prompt_tokens")), ("output", ctx.usage.get("completion_tokens")),
-                      ("cached", details.get("cached_tokens")))
-            for kind, value in counts:
-                if value:
-                    self.tokens.labels(model, kind).inc(value)
+        self.requests[(ctx.endpoint, model, str(ctx.status))] += 1
+        self.latency[ctx.endpoint].observe(ctx.latency_s)
+        usage = ctx.usage
+        if usage:
+            details = usage.get("prompt_tokens_details") or {}
+            self.tokens[(model, "input")] += usage.get("prompt_tokens") or 0
+            self.tokens[(model, "output")] += usage.get("completion_tokens") or 0
+            self.tokens[(model, "cached")] += details.get("cached_tokens") or 0
         if ctx.stream and ctx.first_byte_at is not None:
-            self.ttft.labels(model).observe(ctx.first_byte_at - ctx.started)
+            self.ttft[model].observe(ctx.first_byte_at - ctx.started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("llm_gateway_requests", "Requests by endpoint, model and status",
+                                       labels=["endpoint", "model", "status"])
+        for labels, count in self.requests.items():
+            requests.add_metric(list(labels), count)
+        yield requests
+        tokens = CounterMetricFamily("llm_gateway_tokens", "Tokens by model and kind (input, output, cached)",
+                                     labels=["model", "kind"])
+        for labels, count in self.tokens.items():
+            tokens.add_metric(list(labels), count)
+        yield tokens
+        yield _histogram_family("llm_gateway_request_seconds", "Request latency by endpoint", "endpoint",
+                                self.latency)
+        yield _histogram_family("llm_gateway_time_to_first_token_seconds", "Time to first token of streams",
+                                "model", self.ttft)
+        yield from _live_state(self.gateway)
 
-class _LiveState:
-    """Collected at scrape time: slot states and requests in flight."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+class _Histogram:
+    __slots__ = ("counts", "sum")
 
-    def collect(self) -> Any:
-        states = GaugeMetricFamily("llm_gateway_slot_state", "1 for the state each slot is in",
-                                   labels=["slot", "model", "state"])
-        for slot in self.gateway.supervisor.slots.values():
-            states.add_metric([str(slot.port), slot.config.display_name, slot.state.value], 1)
-        yield states
-        restarts = GaugeMetricFamily("llm_gateway_slot_restarts", "Restarts of each slot's process",
-                                     labels=["slot"])
-        for slot in self.gateway.supervisor.slots.values():
-            restarts.add_metric([str(slot.port)], slot.restarts)
-        yield restarts
-        in_flight = GaugeMetricFamily("llm_gateway_in_flight_requests", "Requests in flight per backend",
-                                      labels=["backend"])
-        for key, count in self.gateway.registry.in_flight.items():
-            in_flight.add_metric([key], count)
-        yield in_flight
-        queued = GaugeMetricFamily("llm_gateway_queued_requests", "Requests waiting for the concurrency cap")
-        queued.add_metric([], self.gateway.gate.queued)
-        yield queued
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+
+def _histogram_family(name: str, doc: str, label: str, histograms: dict[str, _Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=[label])
+    for value, h in histograms.items():
+        cumulative = list(itertools.accumulate(h.counts))
+        buckets = [(str(le), c) for le, c in zip(_LATENCY_BUCKETS, cumulative, strict=False)]
+        family.add_metric([value], buckets + [("+Inf", cumulative[-1])], sum_value=h.sum)
+    return family
+
+
+def _live_state(gateway: Gateway) -> Iterator[Metric]:
+    """Read at scrape time: slot states and restarts, requests in flight and queued."""
+    slots = gateway.supervisor.slots.values()
+    states = GaugeMetricFamily("llm_gateway_slot_state", "1 for the state each slot is in",
+                               labels=["slot", "model", "state"])
+    for slot in slots:
+        states.add_metric([str(slot.port), slot.config.display_name, slot.state.value], 1)
+    yield states
+    restarts = GaugeMetricFamily("llm_gateway_slot_restarts", "Restarts of each slot's process", labels=["slot"])
+    for slot in slots:
+        restarts.add_metric([str(slot.port)], slot.restarts)
+    yield restarts
+    in_flight = GaugeMetricFamily("llm_gateway_in_flight_requests", "Requests in flight per backend",
+                                  labels=["backend"])
+    for key, count in gateway.registry.in_flight.items():
+        in_flight.add_metric([key], count)
+    yield in_flight
+    queued = GaugeMetricFamily("llm_gateway_queued_requests", "Requests waiting for the concurrency cap")
+    queued.add_metric([], gateway.gate.queued)
+    yield queued
 
 
 def log_request(ctx: RequestContext) -> None:
