@@ -23,24 +23,39 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 
+# psutil measures a process's CPU between two calls on the same Process object, so keep them by pid.
+_processes: dict[int, psutil.Process] = {}
+
+
 def _slot_status(status: dict[str, Any]) -> dict[str, Any]:
-    """Supervisor status plus the process's memory and CPU, when it runs."""
+    """Supervisor status plus the process's memory, and its CPU since the previous look (None the first time)."""
     status = dict(status)
     status["rss_bytes"] = status["cpu_percent"] = None
-    if status["pid"]:
+    pid = status["pid"]
+    if pid:
         try:
-            proc = psutil.Process(status["pid"])
+            proc = _processes.get(pid)
+            if proc is None:
+                proc = _processes[pid] = psutil.Process(pid)
+                proc.cpu_percent(interval=None)  # starts the measurement
+            else:
+                status["cpu_percent"] = proc.cpu_percent(interval=None)
             status["rss_bytes"] = proc.memory_info().rss
-            status["cpu_percent"] = proc.cpu_percent(interval=None)
         except psutil.Error:
-            pass
+            _processes.pop(pid, None)
     return status
+
+
+def _forget_gone_processes(running_pids: set[int]) -> None:
+    for pid in _processes.keys() - running_pids:
+        del _processes[pid]
 
 
 async def list_slots(request: Request) -> Response:
     require_admin(request)
     gw = gateway_of(request)
     running = {s["port"]: _slot_status(s) for s in gw.supervisor.status()}
+    _forget_gone_processes({s["pid"] for s in running.values() if s["pid"]})
     slots = [running.get(port, {"port": port, "state": "empty"}) for port in SLOT_PORTS]
     return json_response({"slots": slots})
 

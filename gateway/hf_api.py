@@ -24,7 +24,15 @@ from starlette.routing import Route
 
 from .api_common import gateway_of, json_object, json_response, require_admin
 from .errors import APIError
-from .hf_models import MAX_SEARCH_LIMIT, DownloadManager, HubError, default_endpoint, repo_gguf_files, search_gguf
+from .hf_models import (
+    MAX_SEARCH_LIMIT,
+    DownloadJob,
+    DownloadManager,
+    HubError,
+    default_endpoint,
+    repo_gguf_files,
+    search_gguf,
+)
 
 
 def _config_token(gw: Any) -> str | None:
@@ -89,24 +97,20 @@ async def list_downloads(request: Request) -> Response:
     return json_response({"object": "list", "data": [j.as_dict() for j in downloads_of(request).jobs()]})
 
 
-def _job(request: Request) -> str:
-    return str(request.path_params["job_id"])
+def _answer_for(job: DownloadJob | None) -> Response:
+    if job is None:
+        raise APIError(404, "no download with that id", "download_not_found")
+    return json_response(job.as_dict())
 
 
 async def get_download(request: Request) -> Response:
     require_admin(request)
-    job = downloads_of(request).get(_job(request))
-    if job is None:
-        raise APIError(404, "no download with that id", "download_not_found")
-    return json_response(job.as_dict())
+    return _answer_for(downloads_of(request).get(request.path_params["job_id"]))
 
 
 async def cancel_download(request: Request) -> Response:
     require_admin(request)
-    job = downloads_of(request).cancel(_job(request))
-    if job is None:
-        raise APIError(404, "no download with that id", "download_not_found")
-    return json_response(job.as_dict())
+    return _answer_for(downloads_of(request).cancel(request.path_params["job_id"]))
 
 
 routes = [

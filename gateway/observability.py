@@ -50,8 +50,9 @@ class Metrics:
             self.tokens[(model, "input")] += usage.get("prompt_tokens") or 0
             self.tokens[(model, "output")] += usage.get("completion_tokens") or 0
             self.tokens[(model, "cached")] += details.get("cached_tokens") or 0
-        if ctx.stream and ctx.first_byte_at is not None:
-            self.ttft[model].observe(ctx.first_byte_at - ctx.started)
+        ttft = ctx.ttft_s
+        if ttft is not None:
+            self.ttft[model].observe(ttft)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -130,7 +131,7 @@ def log_request(ctx: RequestContext) -> None:
         "model": ctx.target.model_id if ctx.target else ctx.model,
         "backend": ctx.target.label if ctx.target else None, "status": ctx.status, "stream": ctx.stream,
         "latency_ms": round(ctx.latency_s * 1000, 2),
-        "ttft_ms": round((ctx.first_byte_at - ctx.started) * 1000, 2) if ctx.stream and ctx.first_byte_at else None,
+        "ttft_ms": None if ctx.ttft_s is None else round(ctx.ttft_s * 1000, 2),
         "usage": {k: ctx.usage.get(k) for k in ("prompt_tokens", "completion_tokens")} if ctx.usage else None,
     }).decode())
 

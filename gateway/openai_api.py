@@ -151,7 +151,7 @@ def model_list(gw: Gateway) -> dict[str, Any]:
     state and the backends that serve it."""
     models: dict[str, dict[str, Any]] = {}
     for t in gw.registry.targets():
-        backend = f"slot:{t.slot.port}" if t.slot else f"upstream:{t.upstream}"
+        backend = t.key
         if t.model_id in models:
             models[t.model_id]["backends"].append(backend)
             continue

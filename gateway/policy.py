@@ -49,6 +49,11 @@ class RequestContext:
     def latency_s(self) -> float:
         return time.perf_counter() - self.started
 
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to the first streamed byte; None for answers that were not streamed."""
+        return self.first_byte_at - self.started if self.stream and self.first_byte_at is not None else None
+
 
 class RequestPolicy(Protocol):
     async def admit(self, request: Request, ctx: RequestContext) -> None: ...

@@ -148,6 +148,10 @@ def test_load_and_unload_a_slot_over_the_api(gw: RunningGateway, gemma_path: Pat
     assert saved["slots"][str(port)]["name"] == "api-embed"
     emb = httpx.post(f"{gw.url}/v1/embeddings", json={"model": "api-embed", "input": "hi"}, headers=gw.headers())
     assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == 640
+    for _ in range(3):  # work for the slot, so its CPU since the previous look is above zero
+        httpx.post(f"{gw.url}/v1/embeddings", json={"model": "api-embed", "input": "a longer sentence " * 40},
+                   headers=gw.headers()).raise_for_status()
+    assert ready()["cpu_percent"] > 0
 
     busy = gw.admin("POST", "/admin/api/slots/load", json={"slot": port, "model_path": str(gemma_path)})
     assert busy.status_code == 409
