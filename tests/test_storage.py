@@ -66,6 +66,24 @@ async def test_usage_charges_add_up_and_summaries_group(tmp_path: Path) -> None:
         await storage.close()
 
 
+async def test_a_large_batch_is_stored_whole_and_in_order(tmp_path: Path) -> None:
+    """Every row of a big batch lands, each field in its own column."""
+    storage = SQLiteStorage(tmp_path / "g.db")
+    await storage.open()
+    try:
+        now = time.time()
+        rows = [UsageRow(now + i, None, f"user{i}", None, "chat", f"m{i % 3}", "slot 4801", i, 2 * i, i % 5,
+                         float(i), None if i % 2 else i / 10, 200 if i % 7 else 429, i / 1000) for i in range(700)]
+        await storage.record_usage(rows, {}, {})
+    finally:
+        await storage.close()
+    with sqlite3.connect(tmp_path / "g.db") as db:
+        stored = db.execute("SELECT ts, user_id, username, key_prefix, endpoint, model, backend, input_tokens,"
+                            " output_tokens, cached_tokens, latency_ms, ttft_ms, status, cost"
+                            " FROM usage_logs ORDER BY id").fetchall()
+    assert stored == [tuple(vars(r).values()) for r in rows]
+
+
 def test_cost_uses_model_prices_and_halves_cached_input() -> None:
     pricing = parse_config({"pricing": {"input_per_1k": 1.0, "output_per_1k": 2.0,
                                         "models": {"big": {"input_per_1k": 10.0, "output_per_1k": 20.0}}}}).pricing
