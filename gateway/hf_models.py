@@ -12,8 +12,10 @@ default is the `HF_ENDPOINT` environment variable, read when asked, else https:/
 Why not `hf_hub_download` itself: in huggingface-hub 2.x it downloads into a temporary file with a random name
 and deletes it when the download fails, so a second call always starts from byte 0. Here the partial file is
 `<file>.<etag-hash>.incomplete` next to the destination and is kept on failure, cancellation or a gateway crash;
-the next download of the same file (same ETag) continues from its size with a `Range` request, and the finished
-file is moved into place atomically. A file already there with the Hub's size finishes at once.
+the next download of the same file (same ETag) continues from its size with a `Range` request. A finished file is
+checked against the sha256 the Hub gives for LFS files (its ETag), so a partial spoiled by a crash cannot be resumed
+into a broken model (a mismatch deletes it and fails the job), and then moved into place atomically. A file already
+there with the Hub's size finishes at once.
 
 Files land in `models_dir/<owner>--<name>/<filename>`. `--` cannot occur in a Hub repo id, so the folder name is
 unambiguous (it is the separator the Hub's own cache uses). Names are checked before anything touches the disk:
@@ -57,8 +59,10 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 SEARCH_TIMEOUT_S = 30.0
 MAX_SEARCH_LIMIT = 100
 
-JobState = Literal["queued", "downloading", "done", "failed", "cancelled"]
-ACTIVE_STATES: frozenset[str] = frozenset({"queued", "downloading"})
+JobState = Literal["queued", "downloading", "verifying", "done", "failed", "cancelled"]
+ACTIVE_STATES: frozenset[str] = frozenset({"queued", "downloading", "verifying"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HASH_BLOCK = 8 * 1024 * 1024
 
 
 def default_endpoint() -> str:
@@ -296,6 +300,16 @@ class _ProgressHook:
         self.close()
 
 
+def _sha256_of(path: Path, cancel: threading.Event) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            if cancel.is_set():
+                raise DownloadCancelled()
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     return parts.scheme, (parts.hostname or "").lower(), parts.port
@@ -432,4 +446,10 @@ class DownloadManager:
             http_get(meta.location, f, resume_size=resume, headers=headers, expected_size=size,
                      displayed_filename=job.filename,
                      tqdm_class=functools.partial(_ProgressHook, job))  # type: ignore[arg-type]
+        if meta.etag and _SHA256.fullmatch(meta.etag):  # an LFS file: its ETag is the content's sha256
+            job.state = "verifying"
+            if _sha256_of(partial, job._cancel) != meta.etag:
+                partial.unlink(missing_ok=True)
+                raise OSError(f"the downloaded file does not match the Hub's sha256 ({meta.etag[:12]}...); the "
+                              "partial file was deleted, start the download again")
         os.replace(partial, dest)

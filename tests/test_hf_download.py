@@ -209,6 +209,26 @@ def test_a_failed_download_resumes_on_the_next_start(hub: FakeHub, tmp_path: Pat
     assert hub.bytes_served == len(BIG) < 2 * len(BIG)
 
 
+def test_a_spoiled_partial_fails_the_checksum_and_the_next_start_begins_again(hub: FakeHub, tmp_path: Path,
+                                                                             small_chunks: None) -> None:
+    cut = 1024 * 1024
+    hub.cut_next_download(cut, then_fail_with=503)
+    m = manager(hub, tmp_path)
+    assert finish(m, m.start("acme/Tiny-GGUF", "tiny.Q4_K_M.gguf")).state == "failed"
+    (partial,) = (tmp_path / "models").rglob("*.incomplete")
+    with open(partial, "r+b") as f:  # what a crash can leave: the right length, wrong bytes at the end
+        f.seek(cut - 4096)
+        f.write(bytes(4096))
+
+    hub.content_error = None
+    spoiled = finish(m, m.start("acme/Tiny-GGUF", "tiny.Q4_K_M.gguf"))
+    assert spoiled.state == "failed" and "sha256" in (spoiled.error or "") and spoiled.resumed_from == cut
+    assert not partial.exists() and not spoiled.path.exists()
+
+    again = finish(m, m.start("acme/Tiny-GGUF", "tiny.Q4_K_M.gguf"))
+    assert again.state == "done" and again.resumed_from == 0 and again.path.read_bytes() == BIG
+
+
 def test_a_cancelled_download_keeps_its_part_and_resumes(hub: FakeHub, tmp_path: Path, small_chunks: None) -> None:
     hub.send_delay = 0.02
     m = manager(hub, tmp_path)
