@@ -12,7 +12,8 @@ from .local_models import list_local_models_async
 
 async def local_models(request: Request) -> Response:
     require_admin(request)
-    models = await list_local_models_async(gateway_of(request).data_dir / "models")
+    gw = gateway_of(request)
+    models = await list_local_models_async(gw.data_dir / "models", gw.supervisor.defaults.base_dir)
     return json_response({"models": models})
 
 

@@ -132,7 +132,15 @@ def test_load_and_unload_a_slot_over_the_api(gw: RunningGateway, gemma_path: Pat
     if any(s.get("port") == port and s.get("state") != "empty" for s in gw.admin("GET", "/admin/api/slots")
            .json()["slots"]):
         pytest.fail(f"slot {port} is unexpectedly in use")
-    r = gw.admin("POST", "/admin/api/slots/load", json={"slot": port, "model_path": str(gemma_path),
+    # Loaded the way an operator would: by the model_path the local listing gives for a file under data/models.
+    placed = gw.data_dir / "models" / "api-test" / "gemma-copy.gguf"
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    placed.unlink(missing_ok=True)
+    placed.symlink_to(gemma_path)
+    local = gw.admin("GET", "/admin/api/models/local").json()["models"]
+    model_path = next(m["model_path"] for m in local if m["path"] == "api-test/gemma-copy.gguf")
+    assert model_path == "models/api-test/gemma-copy.gguf"
+    r = gw.admin("POST", "/admin/api/slots/load", json={"slot": port, "model_path": model_path,
                                                         "model_type": "embedding", "name": "api-embed",
                                                         "ctx_size": 1024, "threads": 1})
     assert r.status_code == 202, r.text
