@@ -12,12 +12,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from supervisor import MODEL_TYPES, SLOT_PORTS, SlotConfig, SlotError
-from supervisor.spec import EMBEDDING_TYPES
+from supervisor.spec import EMBEDDING_TYPES, MMPROJ_TYPES
 
 from .api_common import gateway_of, json_object, json_response, require_admin
 from .config import ConfigError, parse_config, save_config
 from .errors import APIError
-from .gguf import read_gguf_info
+from .gguf import GGUFInfo, read_gguf_info
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -67,19 +67,33 @@ def _optional_int(payload: dict[str, Any], name: str) -> int | None:
     return value
 
 
+async def _gguf_info(path: Path) -> GGUFInfo:
+    try:
+        return await asyncio.to_thread(read_gguf_info, path)
+    except ValueError as e:
+        raise APIError(400, f"{path.name} is not a usable GGUF file: {e}", "invalid_model_file") from None
+
+
 async def _check_model_file(path: Path, model_type: str) -> None:
     """Refuse what llama-server would fail on later: a projector as a model, or an embedding slot for a
     file that cannot embed."""
-    try:
-        info = await asyncio.to_thread(read_gguf_info, path)
-    except ValueError as e:
-        raise APIError(400, f"{path.name} is not a usable GGUF file: {e}", "invalid_model_file") from None
+    info = await _gguf_info(path)
     if info.is_mmproj:
         raise APIError(400, f"{path.name} is a multimodal projector (mmproj), not a model; pass it as 'mmproj' "
                             "next to a vision model", "model_is_mmproj")
     if model_type in EMBEDDING_TYPES and info.architecture in _CANNOT_EMBED:
         raise APIError(400, f"{path.name} ({info.architecture}) cannot produce embeddings; load it as another "
                             "type", "model_cannot_embed")
+
+
+async def _check_projector(path: Path, given: str, model_type: str) -> None:
+    if model_type not in MMPROJ_TYPES:
+        raise APIError(400, f"mmproj only applies to {', '.join(sorted(MMPROJ_TYPES))} slots, not {model_type}",
+                       "invalid_mmproj")
+    if not path.is_file():
+        raise APIError(400, f"mmproj file not found: {given}", "model_not_found")
+    if not (await _gguf_info(path)).is_mmproj:
+        raise APIError(400, f"{path.name} is a model, not a multimodal projector (mmproj)", "invalid_mmproj")
 
 
 # Architectures whose output is not a text model's hidden state: no pooled embeddings from them.
@@ -112,6 +126,8 @@ async def load_slot(request: Request) -> Response:
     if not resolved.is_file():
         raise APIError(400, f"model file not found: {model_path}", "model_not_found")
     await _check_model_file(resolved, model_type)
+    if mmproj is not None:
+        await _check_projector(gw.supervisor.defaults.resolve(mmproj), mmproj, model_type)
     try:
         slot = await gw.supervisor.load(port, config)
     except SlotError as e:

@@ -195,6 +195,19 @@ def test_projector_cannot_be_loaded_as_an_embedding_model(gw: RunningGateway, tm
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_is_mmproj"
 
 
+def test_mmproj_must_be_a_projector_for_a_type_that_sees(gw: RunningGateway, gemma_path: Path, tmp_path: Path) -> None:
+    def load(**body: object) -> dict:
+        r = gw.admin("POST", "/admin/api/slots/load", json={"slot": 4805, "model_path": str(gemma_path), **body})
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    assert "not a multimodal projector" in load(model_type="vision", mmproj=str(gemma_path))["message"]
+    projector = str(_tiny_projector(tmp_path / "mmproj-tiny.gguf"))
+    assert "only applies to" in load(model_type="text", mmproj=projector)["message"]
+    assert load(model_type="vision", mmproj=str(tmp_path / "missing.gguf"))["code"] == "model_not_found"
+    assert gw.admin("GET", "/admin/api/slots").json()["slots"][4805 - 4801]["state"] == "empty"
+
+
 def test_slots_admin_needs_admin(gw: RunningGateway) -> None:
     r = httpx.post(f"{gw.url}/admin/api/slots/load", json={"slot": 4805}, headers=gw.headers())
     assert r.status_code == 403
