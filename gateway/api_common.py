@@ -40,13 +40,24 @@ def require_admin(request: Request) -> User:
     return user
 
 
-async def read_json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+async def read_body(request: Request) -> bytes:
+    """The whole body, refused with a 413 as soon as it is known to be over MAX_BODY_BYTES: from its
+    Content-Length, or while reading a chunked one (never held in memory past the limit)."""
+    too_large = APIError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB", "request_too_large")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB", "request_too_large")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"request body is larger than {MAX_BODY_BYTES // 2**20} MiB", "request_too_large")
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+    body = await read_body(request)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from urllib.parse import urlsplit
+
 import httpx
 import openai
 import pytest
+
+from gateway.api_common import MAX_BODY_BYTES
 
 from .conftest import RunningGateway
 
@@ -114,6 +120,31 @@ def test_malformed_json_is_400(gateway: RunningGateway) -> None:
 def test_non_object_body_is_400(gateway: RunningGateway) -> None:
     r = httpx.post(f"{gateway.url}/v1/chat/completions", json=["not", "an", "object"], headers=gateway.headers())
     assert r.status_code == 400
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives(gateway: RunningGateway) -> None:
+    """No Content-Length to check up front: the gateway must stop reading at the limit, not buffer it all."""
+    url = urlsplit(gateway.url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in gateway.headers().items())
+    chunk = b"%x\r\n" % 2**20 + b" " * 2**20 + b"\r\n"
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n{head}"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+
+        def pump() -> None:  # keeps sending well past the limit until the gateway stops listening
+            try:
+                for _ in range(MAX_BODY_BYTES // 2**20 + 16):
+                    sock.sendall(chunk)
+            except OSError:
+                pass
+
+        threading.Thread(target=pump, daemon=True).start()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            assert data, "the gateway closed the connection without an answer"
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
 
 
 def test_embedding_request_to_text_model_says_why(gateway: RunningGateway) -> None:
