@@ -29,15 +29,15 @@ from harness import (  # noqa: E402
     Children,
     add_load_args,
     chat_body,
-    check_chat,
     exit_on_sigterm,
     fmt,
     free_port,
     load_note,
+    measure_paths,
     run_and_report,
     start_fast_upstream,
 )
-from loadgen import LoadResult, drive, pick_generator  # noqa: E402
+from loadgen import LoadResult, pick_generator  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
@@ -140,19 +140,8 @@ def run(args: argparse.Namespace, children: Children) -> list[tuple[str, LoadRes
                                 "--port", str(port), "--upstream", upstream])
         children.wait_ready(client, f"http://{HOST}:{port}/health")
         paths[client] = f"http://{HOST}:{port}/v1"
-    body = chat_body(MODEL)
-    for name, base in paths.items():
-        check_chat(base + "/chat/completions", body, {})
-        print(f"{name:<12} {base}/chat/completions", flush=True)
-    print()
-    rows: list[tuple[str, LoadResult]] = []
-    for conc in args.concurrency:
-        for name, base in paths.items():
-            result = drive(base + "/chat/completions", body, {}, conc, args.duration, args.warmup, args.generator)
-            print(f"  measured {name:<12} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
-                  flush=True)
-            rows.append((name, result))
-    return rows
+    chat = {name: (base + "/chat/completions", {}) for name, base in paths.items()}
+    return measure_paths(chat, chat_body(MODEL), args)
 
 
 def print_comparison(rows: list[tuple[str, LoadResult]]) -> None:

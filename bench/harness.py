@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from loadgen import GENERATORS, LoadResult
+from loadgen import GENERATORS, LoadResult, drive
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -185,6 +185,23 @@ def check_chat(url: str, body: bytes, headers: dict[str, str]) -> None:
         raise RuntimeError(f"POST {url} answered {e.code}: {e.read()[:500].decode(errors='replace')}") from e
     if not isinstance(answer, dict) or not answer.get("choices"):
         raise RuntimeError(f"POST {url} did not answer a chat.completion: {str(answer)[:500]}")
+
+
+def measure_paths(paths: dict[str, tuple[str, dict[str, str]]], body: bytes,
+                  args: argparse.Namespace) -> list[tuple[str, LoadResult]]:
+    """Check each path (name -> chat URL, headers) once, then drive each at every concurrency in `args`."""
+    for name, (url, headers) in paths.items():
+        check_chat(url, body, headers)
+        print(f"{name:<12} {url}", flush=True)
+    print()
+    rows: list[tuple[str, LoadResult]] = []
+    for conc in args.concurrency:
+        for name, (url, headers) in paths.items():
+            result = drive(url, body, headers, conc, args.duration, args.warmup, args.generator)
+            print(f"  measured {name:<12} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
+                  flush=True)
+            rows.append((name, result))
+    return rows
 
 
 def normalise_base(url: str) -> str:

@@ -34,17 +34,17 @@ from harness import (  # noqa: E402
     add_load_args,
     auth_headers,
     chat_body,
-    check_chat,
     exit_on_sigterm,
     fmt,
     free_port,
     load_note,
+    measure_paths,
     normalise_base,
     run_and_report,
     start_fast_upstream,
     start_gateway,
 )
-from loadgen import LoadResult, drive, pick_generator  # noqa: E402
+from loadgen import LoadResult, pick_generator  # noqa: E402
 
 TARGET_RPS_C16 = 3000.0
 TARGET_ADDED_P50_MS = 1.0
@@ -84,19 +84,7 @@ def run(args: argparse.Namespace, tmp: Path, children: Children) -> list[tuple[s
                                                                 auth_headers(args.api_key))}
     if upstream is not None:
         paths = {"direct": (upstream + "/chat/completions", {}), **paths}  # never send the gateway key on
-    for name, (url, headers) in paths.items():
-        check_chat(url, body, headers)
-        print(f"{name:<12} {url}", flush=True)
-    print()
-
-    rows: list[tuple[str, LoadResult]] = []
-    for conc in args.concurrency:
-        for name, (url, headers) in paths.items():
-            result = drive(url, body, headers, conc, args.duration, args.warmup, args.generator)
-            print(f"  measured {name:<12} c={conc:<3} {fmt(result.rps, 0):>8} rps  p50 {fmt(result.p50_ms, 3)} ms",
-                  flush=True)
-            rows.append((name, result))
-    return rows
+    return measure_paths(paths, body, args)
 
 
 def print_summary(rows: list[tuple[str, LoadResult]]) -> None:
