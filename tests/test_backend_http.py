@@ -139,27 +139,27 @@ async def test_request_lost_on_a_reused_connection_is_retried_once() -> None:
             resp.release()
 
 
-async def test_body_delimited_by_close() -> None:
+def answer_and_close(raw: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A backend that reads one request head, writes `raw` and closes the connection."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nwhole body")
+        writer.write(raw)
         await writer.drain()
         writer.close()
+    return handle
 
-    async with raw_server(handle) as (url, client):
+
+async def test_body_delimited_by_close() -> None:
+    async with raw_server(answer_and_close(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nwhole body")) \
+            as (url, client):
         resp = await client.request("POST", url, {}, b"", 5)
         assert await resp.read(5) == b"whole body"
         resp.release()
 
 
 async def test_broken_off_answer_is_an_error_not_a_short_body() -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-        writer.close()
-
-    async with raw_server(handle) as (url, client):
+    async with raw_server(answer_and_close(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")) \
+            as (url, client):
         resp = await client.request("POST", url, {}, b"", 5)
         with pytest.raises(BackendError) as err:
             await resp.read(5)
