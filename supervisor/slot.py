@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -48,6 +50,8 @@ class Timing:
 
 
 DEFAULT_TIMING = Timing()
+# A slot's log past this size is moved to `slot-<port>.log.1` (replacing the older one): two parts at most on disk.
+LOG_MAX_BYTES = 32 * 2**20
 
 
 class Slot:
@@ -235,8 +239,19 @@ class Slot:
                 if failures >= self.timing.health_failures:
                     self.last_error = f"/health failed {failures} times in a row"
                     return
+                await self._rotate_log_if_big()
         finally:
             exited.cancel()
+
+    async def _rotate_log_if_big(self) -> None:
+        """llama-server holds its log open (append mode) for as long as it runs, so the log is copied aside and
+        truncated in place rather than renamed; lines written between the copy and the truncation are lost."""
+        try:
+            if self.log_path.stat().st_size <= LOG_MAX_BYTES:
+                return
+        except OSError:
+            return
+        await asyncio.to_thread(_copy_then_truncate, self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
 
     async def _kill_process(self) -> None:
         proc, self._proc = self._proc, None
@@ -254,3 +269,11 @@ class Slot:
         except OSError:
             return ""
         return " | ".join(lines[-4:])
+
+
+def _copy_then_truncate(path: Path, older: Path) -> None:
+    try:
+        shutil.copyfile(path, older)
+        os.truncate(path, 0)
+    except OSError as e:
+        log.warning("could not rotate %s: %s", path, e)

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from supervisor import SlotConfig, SlotDefaults, SlotError, SlotState, Supervisor, Timing
+from supervisor import slot as slot_module
 
 from .conftest import SESSION_TEXT_SLOT, RunningGateway, port_open, start_gateway, wait_until
 
@@ -71,6 +72,27 @@ async def test_unload_leaves_no_process(gemma_path: Path, llama_server_bin: Path
         assert not port_open(UNLOAD_SLOT)
         assert not (tmp_path / "run" / f"slot-{UNLOAD_SLOT}.pid").exists()
         assert changes[0][UNLOAD_SLOT].name == "unload-me" and changes[-1][UNLOAD_SLOT] is None
+    finally:
+        await sup.stop()
+
+
+async def test_a_big_log_is_rotated_while_the_slot_runs(gemma_path: Path, llama_server_bin: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slot_module, "LOG_MAX_BYTES", 1024)  # the start-up lines alone are larger
+    sup = Supervisor(tmp_path, SlotDefaults(threads=1, ctx_size=1024), llama_server_bin, timing=FAST)
+    await sup.start({})
+    log, older = tmp_path / "logs" / f"slot-{UNLOAD_SLOT}.log", tmp_path / "logs" / f"slot-{UNLOAD_SLOT}.log.1"
+    try:
+        slot = await sup.load(UNLOAD_SLOT, SlotConfig(str(gemma_path), "text"))
+        assert await slot.wait_ready(120), slot.status()
+        await asyncio.to_thread(wait_until, older.exists, 10, "the log to be rotated")
+        assert older.read_bytes().startswith(b"\n=== ") and b"starting:" in older.read_bytes()
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{slot.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+        await asyncio.to_thread(wait_until, lambda: b"print_timing" in log.read_bytes(), 10,
+                                "llama-server to go on writing into the truncated log")
+        assert log.stat().st_size < older.stat().st_size and slot.state is SlotState.READY
     finally:
         await sup.stop()
 
