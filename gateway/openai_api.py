@@ -174,7 +174,18 @@ async def list_models(request: Request) -> Response:
     return json_response(model_list(gateway_of(request)))
 
 
+async def get_model(request: Request) -> Response:
+    """`GET /v1/models/{id}` (the SDK's `models.retrieve`); ids may contain slashes, as upstream ones often do."""
+    caller(request)
+    wanted = request.path_params["model_id"]
+    for model in model_list(gateway_of(request))["data"]:
+        if model["id"] == wanted:
+            return json_response(model)
+    raise APIError(404, f"The model '{wanted}' does not exist", "model_not_found")
+
+
 routes = [
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     *(Route(path, proxied, methods=["POST"]) for path in PROXIED),
 ]

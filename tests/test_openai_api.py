@@ -85,6 +85,15 @@ def test_models_lists_slots_and_upstreams(gateway: RunningGateway) -> None:
     assert models["remote-gemma"].model_extra["backend"] == "upstream:remote"
 
 
+def test_a_model_is_retrieved_by_id(gateway: RunningGateway) -> None:
+    client = gateway.client()
+    model = client.models.retrieve("gemma")
+    assert model.id == "gemma" and model.object == "model"
+    assert model.model_extra and model.model_extra["type"] == "text"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
 def test_remote_upstream_is_reached_by_model_name(gateway: RunningGateway) -> None:
     reply = gateway.client().chat.completions.create(model="remote-gemma", messages=PROMPT, max_tokens=8)
     assert reply.model == "remote-gemma"  # the remote llama-server's alias, so it really answered

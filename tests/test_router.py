@@ -225,6 +225,15 @@ def test_add_upstream_discovers_models_and_remove_forgets_them(gw: RunningGatewa
         assert gw.admin("POST", "/admin/api/upstreams", json={"name": "newcomer", "url": up.url}).status_code == 409
         assert gw.admin("DELETE", "/admin/api/upstreams/newcomer").status_code == 204
         assert chat(gw, HELLO, model="newcomer-model").status_code == 404
+    with EchoUpstream("hub-style") as up:  # Hub-style ids carry a slash; they are still one model each
+        r = gw.admin("POST", "/admin/api/upstreams", json={"name": "hub-style", "url": up.url,
+                                                           "models": ["acme/Tiny-Chat"]})
+        assert r.status_code == 201, r.text
+        got = httpx.get(f"{gw.url}/v1/models/acme/Tiny-Chat", headers=gw.headers())
+        assert got.status_code == 200 and got.json()["backends"] == ["upstream:hub-style"]
+        assert chat(gw, HELLO, model="acme/Tiny-Chat").json()["choices"][0]["message"]["content"] == \
+            "answered by hub-style"
+        assert gw.admin("DELETE", "/admin/api/upstreams/hub-style").status_code == 204
     bad = gw.admin("POST", "/admin/api/upstreams", json={"name": "x", "url": "ftp://nowhere"})
     assert bad.status_code == 400 and "url" in bad.json()["error"]["message"]
 
