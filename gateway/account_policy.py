@@ -90,14 +90,13 @@ class AccountPolicy:
             price = self.config.pricing.for_model(ctx.target.model_id if ctx.target else ctx.model)
             cost = request_cost(price, input_tokens, output_tokens, cached_tokens)
             user.balance -= cost
-        now = time.time()
-        first_byte = ctx.first_byte_at
         self.recorder.add(UsageRow(
-            ts=now, user_id=user.id, username=user.username, key_prefix=principal.key.prefix if principal.key else None,
+            ts=time.time(), user_id=user.id, username=user.username,
+            key_prefix=principal.key.prefix if principal.key else None,
             endpoint=ctx.endpoint, model=ctx.target.model_id if ctx.target else ctx.model,
             backend=ctx.target.label if ctx.target else None, input_tokens=input_tokens,
             output_tokens=output_tokens, cached_tokens=cached_tokens, latency_ms=ctx.latency_s * 1000,
-            ttft_ms=(first_byte - ctx.started) * 1000 if first_byte and ctx.stream else None,
+            ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000,
             status=ctx.status, cost=cost,
         ), principal.key.id if principal.key else None, balance=cost, credits=credits)
 
