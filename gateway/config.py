@@ -67,7 +67,7 @@ class Config:
     slots: dict[int, SlotConfig | None] = field(default_factory=lambda: {p: None for p in SLOT_PORTS})
     upstreams: list[UpstreamConfig] = field(default_factory=list)
     admin_key: str | None = None
-    default_threads: int = 4
+    default_threads: int | None = None  # None: one per physical core (supervisor.spec.machine_threads)
     default_ctx_size: int = 8192
     pricing: Pricing = field(default_factory=Pricing)
     rate_limits: dict[str, int] = field(default_factory=lambda: {"payg": 25, "sub": 100})

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from gateway.config import ConfigError, load_config, parse_config, save_config
 from gateway.default_model import DEFAULT_NAME, ensure_config
-from supervisor.spec import SlotConfig, SlotDefaults, llama_server_args
+from supervisor.spec import SlotConfig, SlotDefaults, llama_server_args, machine_threads
 
 from .conftest import ROOT
 
@@ -93,6 +95,18 @@ def test_llama_server_flags_follow_type_and_performance() -> None:
     assert "--parallel 2" in joined and "--load-mode mmap+mlock" in joined
     vision = llama_server_args(4803, SlotConfig("/m/v.gguf", "vision", mmproj="/m/p.gguf"), SlotDefaults())
     assert "--mmproj /m/p.gguf" in " ".join(vision) and "--embeddings" not in vision
+
+
+def test_threads_default_to_the_physical_cores_this_process_may_use() -> None:
+    config = parse_config({"default_threads": None})
+    args = llama_server_args(4801, SlotConfig("/m/t.gguf", "text"), config.slot_defaults(Path("/data")))
+    threads = int(args[args.index("--threads") + 1])
+    assert threads == machine_threads() and 1 <= threads <= len(os.sched_getaffinity(0))
+    assert threads <= (psutil.cpu_count(logical=False) or threads)
+    assert parse_config({}).to_dict()["default_threads"] is None  # saved as "auto", not as this machine's count
+    pinned = llama_server_args(4801, SlotConfig("/m/t.gguf", "text"), parse_config({"default_threads": 3})
+                               .slot_defaults(Path("/data")))
+    assert pinned[pinned.index("--threads") + 1] == "3"
 
 
 def test_first_run_writes_a_config_with_the_default_model(tmp_path: Path) -> None:
