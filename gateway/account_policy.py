@@ -77,9 +77,7 @@ class AccountPolicy:
         user = principal.user
         if ctx.disconnected:
             ctx.status = CLIENT_CLOSED
-        input_tokens, output_tokens, cached_tokens = token_counts(ctx.usage)
-        if ctx.usage is None and ctx.disconnected:
-            output_tokens = max(0, ctx.streamed_events - 1)  # one token per event, less the role event
+        input_tokens, output_tokens, cached_tokens = token_counts(ctx.usage)  # estimated for cut-off streams
         served = 200 <= ctx.status < 300 or (ctx.disconnected and output_tokens > 0)
         credits = principal.reserved_credits
         if credits and not served and user.credits is not None:

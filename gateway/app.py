@@ -29,6 +29,7 @@ from . import admin_api, backends_api, hf_api, models_api, openai_api, public_ap
 from .account_policy import AccountPolicy
 from .accounts import Accounts
 from .config import Config, UpstreamConfig, save_config
+from .cut_stream_usage import usage_of_cut_stream
 from .errors import APIError
 from .limits import ConcurrencyGate, RateLimiter
 from .observability import Metrics, log_request
@@ -68,6 +69,8 @@ class Gateway:
         """Called exactly once per proxied request, however it ended."""
         if ctx.target is not None:
             self.registry.end(ctx.target)
+        if ctx.disconnected and ctx.usage is None and ctx.streamed_events > 1:  # cut off after some output
+            ctx.usage = await usage_of_cut_stream(self.upstream.http, ctx)
         await self.policy.finished(ctx)
         self.metrics.observe(ctx)
         log_request(ctx)

@@ -43,7 +43,7 @@ class RequestContext:
     first_byte_at: float | None = None
     disconnected: bool = False
     strip_usage_chunk: bool = False  # usage was asked of the backend for us, not by the client
-    streamed_events: int = 0  # SSE events relayed; an output estimate if a stream is cut short
+    streamed_events: int = 0  # SSE events relayed: what a stream cut short is billed by
 
     @property
     def latency_s(self) -> float:

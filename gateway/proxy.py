@@ -48,14 +48,14 @@ class UpstreamClient:
 
     def __init__(self, read_timeout: float, connect_timeout: float = 5.0) -> None:
         self.read_timeout = read_timeout
-        self._http = BackendClient(connect_timeout=connect_timeout)
+        self.http = BackendClient(connect_timeout=connect_timeout)
 
     async def close(self) -> None:
-        await self._http.close()
+        await self.http.close()
 
     async def post(self, target: Target, path: str, body: bytes) -> BackendResponse:
         try:
-            return await self._http.request("POST", target.base_url + path, _headers(target.api_key), body,
+            return await self.http.request("POST", target.base_url + path, _headers(target.api_key), body,
                                             self.read_timeout)
         except BackendError as e:
             raise _failure(e, target) from e

@@ -230,17 +230,33 @@ def test_stream_usage_is_counted_but_not_shown_unless_asked(gw: RunningGateway) 
 
 def test_client_leaving_mid_stream_is_still_recorded(gw: RunningGateway) -> None:
     key = gw.new_user("leaver", "sub")
+    leave_after(gw, key, MODEL, 6)
+    row = usage_rows(gw, "leaver", 1)[0]
+    assert row["status"] == 499
+    assert 5 <= row["output_tokens"] < 400
+    assert row["input_tokens"] == 4  # a remote upstream cannot count for us: 14 characters at 4 per token
+
+
+def leave_after(gw: RunningGateway, key: str, model: str, events: int) -> None:
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
-                      json={"model": MODEL, "messages": ASK, "max_tokens": 400, "ignore_eos": True,
+                      json={"model": model, "messages": ASK, "max_tokens": 400, "ignore_eos": True,
                             "stream": True}) as s:
         seen = 0
         for line in s.iter_lines():
             seen += line.startswith("data: {")
-            if seen == 6:
-                break
-    row = usage_rows(gw, "leaver", 1)[0]
-    assert row["status"] == 499
-    assert 5 <= row["output_tokens"] < 400
+            if seen == events:
+                return
+
+
+def test_a_slot_counts_the_prompt_of_a_stream_cut_short(gateway: RunningGateway) -> None:
+    """The client leaves before the usage event: the slot itself counts the prompt, as it would have reported."""
+    key = gateway.new_user("slot-leaver", "payg", balance=1.0)
+    leave_after(gateway, key, "gemma", 6)
+    row = usage_rows(gateway, "slot-leaver", 1)[0]
+    whole = httpx.post(f"{gateway.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                       json={"model": "gemma", "messages": ASK, "max_tokens": 1}).json()
+    assert row["status"] == 499 and 5 <= row["output_tokens"] < 400
+    assert row["input_tokens"] == whole["usage"]["prompt_tokens"] > 4
 
 
 def test_usage_windows_and_by_model(gw: RunningGateway) -> None:
