@@ -7,7 +7,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .accounts import check_amount, check_tier
-from .api_common import gateway_of, json_object, json_response, require_admin, usage_query
+from .api_common import (
+    gateway_of,
+    json_object,
+    json_response,
+    parse_json_object,
+    read_body,
+    require_admin,
+    usage_query,
+)
 from .errors import APIError
 
 
@@ -97,19 +105,20 @@ async def decide_signup(request: Request) -> Response:
     require_admin(request)
     gw = gateway_of(request)
     approve = request.url.path.endswith("/approve")
-    payload = await json_object(request) if approve and await request.body() else {}
+    body = await read_body(request) if approve else b""  # approving may say how: tier, balance, credits
+    payload = parse_json_object(body) if body else {}
     tier = check_tier(payload.get("tier", "payg"))
     balance = check_amount(payload.get("balance", 0.0), "balance") or 0.0
     credits = check_amount(payload.get("credits"), "credits", allow_none=True)
-    pending = [s for s in await gw.storage.list_signups("pending") if s.id == request.path_params["signup_id"]]
-    if not pending:
+    signup = await gw.storage.get_signup(request.path_params["signup_id"])
+    if signup is None or signup.status != "pending":
         raise APIError(404, "no pending signup request with that id", "signup_not_found")
     if approve:
-        user, key = await gw.accounts.create_user(pending[0].username, tier, balance, credits)
-        await gw.storage.decide_signup(pending[0].id, "approved")
+        user, key = await gw.accounts.create_user(signup.username, tier, balance, credits)
+        await gw.storage.decide_signup(signup.id, "approved")
         return json_response({"username": user.username, "tier": user.tier, "api_key": key}, 201)
-    await gw.storage.decide_signup(pending[0].id, "rejected")
-    return json_response({"id": pending[0].id, "status": "rejected"})
+    await gw.storage.decide_signup(signup.id, "rejected")
+    return json_response({"id": signup.id, "status": "rejected"})
 
 
 routes = [

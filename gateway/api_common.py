@@ -56,15 +56,19 @@ async def read_body(request: Request) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def read_json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
-    body = await read_body(request)
+def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", "invalid_json") from e
     if not isinstance(payload, dict):
         raise APIError(400, "The request body must be a JSON object", "invalid_json")
-    return body, payload
+    return payload
+
+
+async def read_json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+    body = await read_body(request)
+    return body, parse_json_object(body)
 
 
 async def json_object(request: Request) -> dict[str, Any]:

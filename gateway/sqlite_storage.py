@@ -250,12 +250,16 @@ class SQLiteStorage:
         return cur.lastrowid
 
     async def list_signups(self, status: str | None) -> list[SignupRequest]:
+        where, args = (" WHERE status = ?", (status,)) if status else ("", ())
+        return await self._signups(where + " ORDER BY id", args)
+
+    async def get_signup(self, signup_id: int) -> SignupRequest | None:
+        found = await self._signups(" WHERE id = ?", (signup_id,))
+        return found[0] if found else None
+
+    async def _signups(self, condition: str, args: tuple[Any, ...]) -> list[SignupRequest]:
         sql = "SELECT id, username, email, message, ip, created_at, status, decided_at FROM signup_requests"
-        args: tuple[Any, ...] = ()
-        if status:
-            sql += " WHERE status = ?"
-            args = (status,)
-        async with self.db.execute(sql + " ORDER BY id", args) as cur:
+        async with self.db.execute(sql + condition, args) as cur:
             return [SignupRequest(*r) async for r in cur]
 
     async def decide_signup(self, signup_id: int, status: str) -> SignupRequest | None:
@@ -263,10 +267,7 @@ class SQLiteStorage:
         cur = await self.db.execute(
             "UPDATE signup_requests SET status = ?, decided_at = ? WHERE id = ? AND status = 'pending'",
             (status, time.time(), signup_id))
-        if cur.rowcount != 1:
-            return None
-        found = [s for s in await self.list_signups(None) if s.id == signup_id]
-        return found[0] if found else None
+        return await self.get_signup(signup_id) if cur.rowcount == 1 else None
 
     # --- uptime ---------------------------------------------------------------------------
     async def add_uptime_event(self, ts: float, component: str, state: str) -> None:
